@@ -1,0 +1,294 @@
+"""The engine: ``Checkpointer`` runs plan and stage on the caller's thread and hands
+write, fsync and commit to background threads, returning a ``SaveHandle``."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import psutil
+import torch
+
+from . import __version__, commit, reader
+from . import manifest as mf
+from .checksum import check_kind
+from .errors import CheckpointError, CheckpointWriteError
+from .plan import Plan, make_plan, manifest_tensor
+from .staging import Stager, StagingPool
+from .tree import flatten
+from .writer import ShardResult, write_shard
+
+PathLike = Union[str, "os.PathLike[str]"]
+_UNSET: Any = object()
+
+
+def _default_budget() -> int:
+    return min(8 << 30, psutil.virtual_memory().total // 4)
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a finished save produced.
+
+    ``stall_s`` is how long ``save()`` blocked its caller; ``total_s`` runs from the
+    call to the durable commit.
+    """
+
+    path: str
+    nbytes: int
+    stall_s: float
+    total_s: float
+    num_shards: int
+    num_tensors: int
+
+
+class SaveHandle:
+    """A save in flight. ``wait()`` returns its :class:`SaveResult` or raises the
+    background failure as a :class:`CheckpointError`; ``await handle`` does the same
+    without blocking an event loop."""
+
+    def __init__(self, future: cf.Future[SaveResult], path: str, stall_s: float) -> None:
+        self._future = future
+        self.path = path
+        self.stall_s = stall_s
+        self.reported = False
+
+    def done(self) -> bool:
+        """True once the save has committed or failed."""
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> SaveResult:
+        """Block until the save is durable; raises ``TimeoutError`` after ``timeout`` s."""
+        try:
+            return self._future.result(timeout)
+        except cf.TimeoutError:
+            raise TimeoutError(f"save to {self.path} still running after {timeout} s") from None
+        except BaseException:
+            self.reported = True
+            raise
+
+    def __await__(self):
+        return self._awaitable().__await__()
+
+    async def _awaitable(self) -> SaveResult:
+        try:
+            return await asyncio.wrap_future(self._future)
+        except BaseException:
+            self.reported = True
+            raise
+
+
+class Checkpointer:
+    """The checkpoint engine behind :func:`fastckpt.save` / :func:`fastckpt.load`.
+
+    Args:
+        workers: background threads writing shards.
+        shard_size: target bytes per shard file (a larger tensor gets a shard of its own).
+        checksum: ``"xxh3"`` (default), ``"sha256"`` or ``None``.
+        staging_budget: bytes of staging buffers kept for reuse across saves; a state
+            larger than this is staged in pieces (default: min(8 GiB, RAM / 4)).
+        max_inflight: saves allowed in flight; the next ``save()`` waits for the oldest.
+        pin_memory: pin staging buffers (default: when CUDA is available).
+
+    Use as a context manager, or call :meth:`close` to wait for in-flight saves.
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        shard_size: int = 512 << 20,
+        checksum: str | None = "xxh3",
+        staging_budget: int | None = None,
+        max_inflight: int = 2,
+        pin_memory: bool | None = None,
+    ) -> None:
+        if shard_size <= 0 or max_inflight < 1:
+            raise ValueError("shard_size must be > 0 and max_inflight >= 1")
+        self.workers = workers or min(8, max(2, os.cpu_count() or 2))
+        self.shard_size = shard_size
+        self.checksum = check_kind(checksum)
+        self.max_inflight = max_inflight
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._pool = StagingPool(staging_budget or _default_budget(), pin)
+        self._stager = Stager(self._pool)
+        self._writers = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="fastckpt-write")
+        # One committer thread: saves commit in the order they were made.
+        self._committer = cf.ThreadPoolExecutor(1, thread_name_prefix="fastckpt-commit")
+        self._slots = threading.BoundedSemaphore(max_inflight)
+        self._lock = threading.Lock()  # one save() stages at a time
+        self._handles: list[SaveHandle] = []
+        self._closed = False
+
+    # -- saving -------------------------------------------------------------------
+
+    def save(
+        self,
+        obj: Any,
+        path: PathLike,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        checksum: str | None = _UNSET,
+        shard_size: int | None = None,
+    ) -> SaveHandle:
+        """Snapshot ``obj`` and write it to ``path`` in the background.
+
+        Returns once every tensor is copied out (the caller may then modify them).
+        Raises :class:`UnsupportedTypeError` for values that cannot be stored
+        without pickle (nothing is written), and any earlier background failure not
+        yet seen through its handle.
+        """
+        t0 = time.perf_counter()
+        path = os.path.abspath(os.fspath(path))
+        kind = self.checksum if checksum is _UNSET else check_kind(checksum)
+        with self._lock:
+            self._check_open()
+            self._raise_unreported()
+            plan = make_plan(flatten(obj), shard_size or self.shard_size)
+            meta_tree = flatten(dict(metadata or {}))
+            if meta_tree.tensors:
+                raise CheckpointError("metadata must not contain tensors")
+            commit.check_replaceable(path)
+            self._slots.acquire()
+            try:
+                tmp, futures = self._stage(plan, path, kind)
+            except BaseException:
+                self._slots.release()
+                raise
+            stall = time.perf_counter() - t0
+            fut = self._committer.submit(
+                self._finish, plan, futures, tmp, path, kind, meta_tree.tree, t0, stall
+            )
+            handle = SaveHandle(fut, path, stall)
+            self._handles = [h for h in self._handles if not h.done() or not h.reported]
+            self._handles.append(handle)
+            return handle
+
+    def _stage(self, plan: Plan, path: str, kind: str | None) -> tuple[str, list]:
+        commit.recover(path)
+        tmp = commit.sibling(path, commit.TMP_TAG)
+        try:
+            os.mkdir(tmp, 0o755)
+        except OSError as e:
+            raise CheckpointWriteError(f"cannot create {tmp}: {e}") from e
+        # When the whole state fits in the staging budget, writers start only once
+        # staging is done: they would otherwise compete with the caller's copies for
+        # CPU and memory bandwidth, lengthening the stall. A larger state must stream.
+        defer = self._pool.fits(plan.shards)
+        futures: list[cf.Future[ShardResult]] = []
+        queues: list[queue.Queue] = []
+        held: list[list] = []
+        try:
+            for shard in plan.shards:
+                q: queue.Queue = queue.Queue()
+                queues.append(q)
+                futures.append(
+                    self._writers.submit(write_shard, shard, tmp, q, self._pool, kind)
+                )
+                held.append([])
+                self._stager.stage_shard(shard, held[-1].append if defer else q.put)
+                if not defer:
+                    q.put(None)
+            self._stager.synchronize()
+        except BaseException:
+            self._abort(queues, held, futures, tmp, defer)
+            raise
+        if defer:
+            for q, blocks in zip(queues, held, strict=True):
+                for b in blocks:
+                    q.put(b)
+                q.put(None)
+        return tmp, futures
+
+    def _abort(self, queues: list, held: list, futures: list, tmp: str, defer: bool) -> None:
+        for b in (b for blocks in held for b in blocks):
+            self._pool.release(b.buf)
+        for q in queues[-1:] if not defer else queues:
+            q.put(None)
+        cf.wait(futures)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def _finish(self, plan: Plan, futures: list, tmp: str, path: str, kind: str | None,
+                meta_tree: Any, t0: float, stall: float) -> SaveResult:
+        try:
+            cf.wait(futures)  # every writer done before the directory may be removed
+            results = [f.result() for f in futures]
+            commit.commit(tmp, path, mf.encode(_manifest(plan, results, kind, meta_tree)))
+        except CheckpointError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(f"committing {path} failed: {e}") from e
+        finally:
+            self._slots.release()
+        total = time.perf_counter() - t0
+        return SaveResult(path, plan.nbytes, stall, total, len(plan.shards), len(plan.stored))
+
+    def _raise_unreported(self) -> None:
+        for h in self._handles:
+            if h.done() and not h.reported and h._future.exception() is not None:
+                h.reported = True
+                raise h._future.exception()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("this Checkpointer is closed")
+
+    # -- loading ------------------------------------------------------------------
+
+    def load(self, path: PathLike, map_location: Any = "cpu", mmap: bool = True,
+             verify: bool = False) -> Any:
+        """Load a checkpoint; see :func:`fastckpt.load`."""
+        return reader.load(path, map_location=map_location, mmap=mmap, verify=verify)
+
+    def verify(self, path: PathLike) -> reader.VerifyReport:
+        """Check every checksum of a checkpoint; see :func:`fastckpt.verify`."""
+        return reader.verify(path, workers=self.workers)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def wait_all(self, timeout: float | None = None) -> None:
+        """Wait for every save in flight (failures are not raised here)."""
+        cf.wait([h._future for h in self._handles], timeout=timeout)
+
+    def close(self) -> None:
+        """Wait for in-flight saves, stop the threads, free the staging buffers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._committer.shutdown(wait=True)
+        self._writers.shutdown(wait=True)
+        self._pool.clear()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _manifest(plan: Plan, results: list[ShardResult], kind: str | None, meta_tree: Any) -> dict:
+    digests: dict[str, str | None] = {}
+    for r in results:
+        digests.update(r.tensor_checksums)
+    return {
+        "format": mf.FORMAT_NAME,
+        "format_version": mf.FORMAT_VERSION,
+        "created": time.time(),
+        "library": {"fastckpt": __version__, "torch": torch.__version__},
+        "checksum": kind,
+        "shards": [{"file": r.file, "size": r.size, "checksum": r.checksum} for r in results],
+        "tensors": {s.name: manifest_tensor(s, digests[s.name]) for s in plan.stored},
+        "refs": plan.refs,
+        "tree": plan.flat.tree,
+        "metadata": meta_tree,
+    }

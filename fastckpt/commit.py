@@ -1,0 +1,145 @@
+"""Atomic commit of a checkpoint directory, and clean-up after crashed saves.
+
+A save writes into a hidden sibling ``.<name>.fastckpt-tmp-<pid>-<id>``; the commit
+writes the manifest last, fsyncs, and moves the directory into place. Replacing an
+existing checkpoint uses ``renameat2(RENAME_EXCHANGE)`` so that ``path`` names a
+complete checkpoint at every instant. Where the filesystem lacks it, the old one is
+first renamed to ``.<name>.fastckpt-old-<pid>-<id>``; if a crash falls between the
+two renames, :func:`recover` moves it back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import uuid
+
+import psutil
+
+from .errors import CheckpointError
+from .manifest import MANIFEST_NAME
+from .writer import write_all
+
+TMP_TAG = ".fastckpt-tmp-"
+OLD_TAG = ".fastckpt-old-"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _split(path: str) -> tuple[str, str]:
+    path = os.path.abspath(path)
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def sibling(path: str, tag: str) -> str:
+    """A fresh hidden sibling of ``path`` owned by this process."""
+    parent, name = _split(path)
+    return os.path.join(parent, f".{name}{tag}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _owner_pid(entry: str, prefix: str) -> int | None:
+    try:
+        return int(entry[len(prefix):].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _leftovers(path: str, tag: str) -> list[str]:
+    """Siblings with ``tag`` whose owning process is gone."""
+    parent, name = _split(path)
+    prefix = f".{name}{tag}"
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    found = []
+    for e in entries:
+        if e.startswith(prefix):
+            pid = _owner_pid(e, prefix)
+            if pid is None or (pid != os.getpid() and not psutil.pid_exists(pid)):
+                found.append(os.path.join(parent, e))
+    return found
+
+
+def recover(path: str) -> None:
+    """Undo a crash between the two renames of a non-atomic replace, then remove the
+    temporary directories of saves whose process died."""
+    if not os.path.lexists(path):
+        olds = [o for o in _leftovers(path, OLD_TAG) if is_checkpoint(o)]
+        if olds:
+            newest = max(olds, key=os.path.getmtime)
+            os.rename(newest, path)
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
+    for d in _leftovers(path, TMP_TAG) + _leftovers(path, OLD_TAG):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST_NAME))
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: str, data: bytes) -> None:
+    """Create ``path`` with ``data`` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_replaceable(path: str) -> None:
+    """Refuse to save over anything but a fastckpt checkpoint or an empty directory,
+    so that a mistyped path can never destroy unrelated data."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        if is_checkpoint(path) or not os.listdir(path):
+            return
+        raise CheckpointError(f"{path} exists and is not a fastckpt checkpoint; not replacing it")
+    raise CheckpointError(f"{path} exists and is not a directory; not replacing it")
+
+
+def commit(tmp: str, path: str, manifest: bytes) -> None:
+    """Write the manifest into ``tmp`` and make it ``path`` atomically and durably."""
+    write_file_durably(os.path.join(tmp, MANIFEST_NAME), manifest)
+    fsync_dir(tmp)
+    parent = os.path.dirname(os.path.abspath(path))
+    check_replaceable(path)
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp)  # now holds the previous checkpoint
+    else:
+        old = sibling(path, OLD_TAG)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_dir(parent)
+        shutil.rmtree(old)
+    fsync_dir(parent)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths; False where the OS or filesystem cannot."""
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)

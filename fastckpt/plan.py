@@ -1,0 +1,215 @@
+"""Plan a save: dedupe tensors that share storage, assign them to shards, and lay
+out each shard's safetensors header, all before a single byte is copied."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import UnsupportedTypeError
+from .tree import Flat, dtype_name
+
+# torch dtype -> safetensors dtype tag (the shards must stay stock safetensors).
+ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64",
+}
+ST_DTYPES.update({
+    getattr(torch, n): tag
+    for n, tag in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
+                   ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"))
+    if hasattr(torch, n)
+})
+
+
+@dataclass
+class Stored:
+    """A tensor as it is written: one contiguous run of bytes in one shard."""
+
+    name: str
+    source: torch.Tensor
+    shard: int = -1
+    start: int = 0  # byte offset inside the shard's data section
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel() * self.source.element_size()
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.nbytes
+
+
+@dataclass
+class ShardPlan:
+    index: int
+    file: str
+    stored: list[Stored] = field(default_factory=list)
+    header: bytes = b""  # length prefix + JSON header, as written
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(s.nbytes for s in self.stored)
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.data_bytes
+
+
+@dataclass
+class Plan:
+    flat: Flat
+    stored: list[Stored]
+    refs: list[dict]
+    shards: list[ShardPlan]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.stored)
+
+
+def make_plan(flat: Flat, shard_size: int) -> Plan:
+    """Dedupe shared storage, then pack stored tensors into shards of ~``shard_size``."""
+    stored, refs = _dedupe(flat)
+    shards = _assign_shards(stored, shard_size)
+    return Plan(flat, stored, refs, shards)
+
+
+def _check(t: torch.Tensor, path: str) -> None:
+    if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+        raise UnsupportedTypeError(f"tensor at {path!r} ({t.layout}, {t.device}) cannot be stored")
+    if t.dtype not in ST_DTYPES:
+        raise UnsupportedTypeError(f"tensor at {path!r} has unsupported dtype {t.dtype}")
+
+
+def _storage_key(t: torch.Tensor) -> Any:
+    if t.numel() == 0:
+        return None
+    ptr = t.untyped_storage().data_ptr()
+    return (t.device, ptr) if ptr else None
+
+
+def _dedupe(flat: Flat) -> tuple[list[Stored], list[dict]]:
+    groups: dict[Any, list[int]] = {}
+    for i, (t, p) in enumerate(zip(flat.tensors, flat.paths, strict=True)):
+        _check(t, p)
+        groups.setdefault(_storage_key(t) or ("unique", i), []).append(i)
+    names = _Names()
+    stored: list[Stored] = []
+    refs: list[dict] = [{}] * len(flat.tensors)
+    for idx in groups.values():
+        _store_group(flat, idx, names, stored, refs)
+    return stored, refs
+
+
+class _Names:
+    """Unique stored-tensor names derived from key paths."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, path: str) -> str:
+        name, n = path or "<root>", 1
+        while name in self.used:
+            n += 1
+            name = f"{path}~{n}"
+        self.used.add(name)
+        return name
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return (t.dtype, t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def _store_group(flat: Flat, idx: list[int], names: _Names, stored: list, refs: list) -> None:
+    ts = [flat.tensors[i] for i in idx]
+    if len({_layout(t) for t in ts}) == 1:  # one tensor, or the same one several times
+        s = Stored(names(flat.paths[idx[0]]), ts[0])
+        stored.append(s)
+        for i in idx:
+            refs[i] = {"tensor": s.name}
+        return
+    if len({t.dtype for t in ts}) > 1:
+        # Views of one storage as different dtypes: store each on its own (not shared).
+        for i in idx:
+            _store_group(flat, [i], names, stored, refs)
+        return
+    lo = min(t.storage_offset() for t in ts)
+    hi = max(t.storage_offset() + _extent(t) for t in ts)
+    base = torch.empty(0, dtype=ts[0].dtype, device=ts[0].device)
+    base.set_(ts[0].untyped_storage(), lo, (hi - lo,), (1,))
+    s = Stored(names(flat.paths[idx[0]]), base)
+    stored.append(s)
+    for i, t in zip(idx, ts, strict=True):
+        view = {
+            "offset": t.storage_offset() - lo,
+            "shape": list(t.shape),
+            "stride": list(t.stride()),
+        }
+        refs[i] = {"tensor": s.name, "view": view}
+
+
+def _extent(t: torch.Tensor) -> int:
+    return sum((d - 1) * s for d, s in zip(t.shape, t.stride(), strict=True)) + 1
+
+
+def _assign_shards(stored: list[Stored], shard_size: int) -> list[ShardPlan]:
+    bins: list[list[Stored]] = [[]]
+    used = 0
+    for s in stored:
+        if bins[-1] and used + s.nbytes > shard_size:
+            bins.append([])
+            used = 0
+        bins[-1].append(s)
+        used += s.nbytes
+    n = len(bins)
+    shards = [ShardPlan(k, shard_file_name(k, n)) for k in range(n)]
+    for shard, members in zip(shards, bins, strict=True):
+        _layout_shard(shard, members)
+    return shards
+
+
+def shard_file_name(k: int, n: int) -> str:
+    return f"shard-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _layout_shard(shard: ShardPlan, members: list[Stored]) -> None:
+    # safetensors allows no holes between tensors, so alignment comes from the order:
+    # widest elements first keeps every tensor aligned to its own element size, which
+    # lets loads map them zero-copy.
+    members = sorted(members, key=lambda s: -s.source.element_size())
+    offset = 0
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "fastckpt"}}
+    for s in members:
+        s.shard, s.start = shard.index, offset
+        offset += s.nbytes
+        header[s.name] = {
+            "dtype": ST_DTYPES[s.source.dtype],
+            "shape": list(s.source.shape),
+            "data_offsets": [s.start, s.stop],
+        }
+    shard.stored = members
+    shard.header = encode_header(header)
+
+
+def encode_header(header: dict) -> bytes:
+    """Length-prefixed safetensors header, space-padded so the data starts 8-aligned."""
+    body = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body
+
+
+def manifest_tensor(s: Stored, checksum: Any) -> dict:
+    """The manifest entry for a stored tensor."""
+    return {
+        "shard": s.shard,
+        "dtype": dtype_name(s.source.dtype),
+        "shape": list(s.source.shape),
+        "offsets": [s.start, s.stop],
+        "checksum": checksum,
+        "device": str(s.source.device),
+    }

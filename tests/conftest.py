@@ -1,0 +1,61 @@
+import os
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run the long (slow) profile")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_slow = pytest.mark.skip(reason="long profile: run with --run-slow (make stress)")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A fresh checkpoint path inside the test's directory."""
+    return os.path.join(tmp_path, "ckpt")
+
+
+@pytest.fixture
+def engine():
+    from fastckpt import Checkpointer
+
+    with Checkpointer(workers=2, staging_budget=64 << 20) as c:
+        yield c
+
+
+def bits(t):
+    """A tensor's raw bytes, so that equality is bitwise (NaN == NaN, -0.0 != 0.0)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(a, b):
+    """Deep equality: same types, same tensor dtypes/shapes/bits."""
+    import numpy as np
+
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(bits(a), bits(b))
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys())
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(a, float) and a != a:
+        assert b != b
+    else:
+        assert a == b

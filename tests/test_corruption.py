@@ -1,0 +1,200 @@
+"""Damaged checkpoints: verify reports, load(verify=True) raises, nothing loads silently wrong."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import fastckpt
+from fastckpt.manifest import MANIFEST_NAME
+
+
+@pytest.fixture
+def saved(ckpt):
+    obj = {"a": torch.randn(1000), "b": torch.arange(300, dtype=torch.int32)}
+    with fastckpt.Checkpointer(shard_size=2000) as c:  # two shards
+        c.save(obj, ckpt).wait(timeout=60)
+    return ckpt, obj
+
+
+def shards(path):
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def flip_bit(path, offset, bit=0):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ (1 << bit)]))
+
+
+def data_start(path):
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def expect_damage(path, match):
+    report = fastckpt.verify(path)
+    assert not report.ok and any(match in p for p in report.problems), report.problems
+    with pytest.raises(fastckpt.CorruptCheckpointError):
+        fastckpt.load(path, verify=True)
+
+
+def test_clean_checkpoint_verifies(saved):
+    path, _ = saved
+    report = fastckpt.verify(path)
+    assert report.ok and report.problems == [] and report.nbytes > 0
+
+
+def test_random_bit_flips_in_data_are_detected(saved):
+    path, _ = saved
+    rng = random.Random(0)
+    for _ in range(20):
+        f = rng.choice(shards(path))
+        off = rng.randrange(data_start(f), os.path.getsize(f))
+        bit = rng.randrange(8)
+        flip_bit(f, off, bit)
+        expect_damage(path, "checksum mismatch")
+        flip_bit(f, off, bit)
+        assert fastckpt.verify(path).ok
+
+
+def test_bit_flip_in_header_is_detected(saved):
+    path, _ = saved
+    f = shards(path)[0]
+    flip_bit(f, 20, 1)
+    report = fastckpt.verify(path)
+    assert not report.ok, report.problems
+    with pytest.raises(fastckpt.CorruptCheckpointError):
+        fastckpt.load(path)  # even without verify: the header no longer matches
+
+
+def test_header_padding_flip_is_detected(saved):
+    path, _ = saved
+    f = shards(path)[0]
+    flip_bit(f, data_start(f) - 1, 0)  # a padding space becomes '!': still "valid" JSON?
+    assert not fastckpt.verify(path).ok
+
+
+def test_truncated_shard(saved):
+    path, _ = saved
+    f = shards(path)[1]
+    os.truncate(f, os.path.getsize(f) - 10)
+    expect_damage(path, "size")
+    with pytest.raises(fastckpt.CorruptCheckpointError, match=os.path.basename(f)):
+        fastckpt.load(path)
+
+
+def test_missing_shard(saved):
+    path, _ = saved
+    os.remove(shards(path)[0])
+    expect_damage(path, "missing")
+
+
+def test_swapped_shards(saved):
+    path, _ = saved
+    a, b = shards(path)
+    os.rename(a, a + ".tmp")
+    os.rename(b, a)
+    os.rename(a + ".tmp", b)
+    report = fastckpt.verify(path)
+    assert not report.ok
+    with pytest.raises(fastckpt.CorruptCheckpointError):
+        fastckpt.load(path)
+
+
+def test_zeroed_range(saved):
+    path, _ = saved
+    f = shards(path)[0]
+    with open(f, "r+b") as fh:
+        fh.seek(data_start(f) + 16)
+        fh.write(bytes(64))
+    expect_damage(path, "checksum mismatch")
+
+
+def _edit_manifest(path, fn):
+    p = os.path.join(path, MANIFEST_NAME)
+    with open(p) as f:
+        doc = json.load(f)
+    fn(doc)
+    with open(p, "w") as f:
+        json.dump(doc, f)
+
+
+def test_manifest_not_json(saved):
+    path, _ = saved
+    with open(os.path.join(path, MANIFEST_NAME), "w") as f:
+        f.write("{not json")
+    with pytest.raises(fastckpt.CorruptCheckpointError, match="not valid JSON"):
+        fastckpt.load(path)
+    assert not fastckpt.verify(path).ok
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: d["shards"][0].update(file="../../etc/passwd"), "bad shard file name"),
+        (lambda d: d["shards"][0].update(file="/abs/shard-00001-of-00002.safetensors"),
+         "bad shard file name"),
+        (lambda d: d["tensors"]["a"].update(shape=[10**12]), "cannot hold"),
+        (lambda d: d["tensors"]["a"].update(offsets=[0, 8]), "cannot hold"),
+        (lambda d: d["tensors"]["a"].update(dtype="evil"), "unknown dtype"),
+        (lambda d: d["tensors"]["a"].update(shard=9), "bad shard index"),
+        (lambda d: d["refs"].append({"tensor": "nope"}), "bad tensor reference"),
+        (lambda d: d["tree"].update({"$dict": [["x", {"$tensor": 99}]]}), "tensor #99"),
+        (lambda d: d["tree"].update({"$dict": [["x", {"$pickle": "..."}]]}), "unknown tree tag"),
+        (lambda d: d.update(format="other"), "not a fastckpt manifest"),
+    ],
+)
+def test_lying_manifest(saved, edit, match):
+    path, _ = saved
+    _edit_manifest(path, edit)
+    with pytest.raises(fastckpt.CorruptCheckpointError, match=match):
+        fastckpt.load(path)
+
+
+def test_lying_header_offsets(saved):
+    path, _ = saved
+    f = shards(path)[0]
+    with open(f, "rb") as fh:
+        raw = fh.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] += 4
+    body = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(body) == n
+    with open(f, "r+b") as fh:
+        fh.seek(8)
+        fh.write(body)
+    with pytest.raises(fastckpt.CorruptCheckpointError, match="disagrees"):
+        fastckpt.load(path)
+
+
+def test_absurd_header_length(saved):
+    path, _ = saved
+    f = shards(path)[0]
+    with open(f, "r+b") as fh:
+        fh.write((2**62).to_bytes(8, "little"))
+    with pytest.raises(fastckpt.CorruptCheckpointError, match="header length"):
+        fastckpt.load(path)
+
+
+def test_newer_format_version(saved):
+    path, _ = saved
+    _edit_manifest(path, lambda d: d.update(format_version=99))
+    with pytest.raises(fastckpt.IncompatibleCheckpointError, match="99"):
+        fastckpt.load(path)
+
+
+def test_uncommitted_directory(tmp_path):
+    d = tmp_path / "half"
+    d.mkdir()
+    (d / "shard-00001-of-00001.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(fastckpt.CheckpointNotFoundError, match="not a committed"):
+        fastckpt.load(d)
+    with pytest.raises(fastckpt.CheckpointNotFoundError):
+        fastckpt.load(tmp_path / "missing")

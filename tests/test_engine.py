@@ -1,0 +1,213 @@
+"""Engine semantics: snapshot, back-pressure, bounded staging, errors, atomic commit."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from faults import ENOSPC, FaultyOS, always
+
+import fastckpt
+from fastckpt import commit, writer
+
+
+def state(n=8, size=64 * 1024):
+    return {f"w{i}": torch.randn(size) for i in range(n)}
+
+
+def test_mutation_after_save_does_not_leak(ckpt, engine):
+    obj = state()
+    before = {k: v.clone() for k, v in obj.items()}
+    handle = engine.save(obj, ckpt)
+    for v in obj.values():
+        v.fill_(0)  # before the write has finished
+    handle.wait(timeout=60)
+    out = fastckpt.load(ckpt)
+    for k in obj:
+        assert torch.equal(out[k], before[k])
+
+
+def test_state_larger_than_staging_budget(ckpt):
+    obj = {f"w{i}": torch.randn(1 << 20) for i in range(10)}  # 40 MiB, budget 4 MiB
+    budget = 4 << 20
+    with fastckpt.Checkpointer(staging_budget=budget, workers=2) as c:
+        peak = [0]
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                peak[0] = max(peak[0], c._pool.allocated)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        try:
+            result = c.save(obj, ckpt).wait(timeout=120)
+        finally:
+            stop.set()
+            t.join()
+    assert result.nbytes == 40 << 20
+    assert 0 < peak[0] <= budget
+    out = fastckpt.load(ckpt, verify=True)
+    assert all(torch.equal(out[k], obj[k]) for k in obj)
+
+
+def test_one_tensor_larger_than_budget(ckpt):
+    x = torch.randn(3 << 20)  # 12 MiB through a 1 MiB budget
+    with fastckpt.Checkpointer(staging_budget=1 << 20) as c:
+        c.save({"x": x}, ckpt).wait(timeout=120)
+    assert torch.equal(fastckpt.load(ckpt, verify=True)["x"], x)
+
+
+def test_staging_buffers_are_reused(tmp_path, engine):
+    obj = state()
+    engine.save(obj, tmp_path / "a").wait(timeout=60)
+    held = engine._pool.allocated
+    for i in range(5):
+        engine.save(obj, tmp_path / f"b{i}").wait(timeout=60)
+    assert engine._pool.allocated == held
+
+
+def test_back_pressure_many_saves(tmp_path):
+    obj = state()
+    with fastckpt.Checkpointer(max_inflight=2, staging_budget=16 << 20) as c:
+        handles = [c.save(obj, tmp_path / f"c{i}") for i in range(8)]
+        assert c._pool.allocated <= 16 << 20
+        results = [h.wait(timeout=120) for h in handles]
+    assert all(r.nbytes == 8 * 64 * 1024 * 4 for r in results)
+    for i in range(8):
+        assert fastckpt.verify(tmp_path / f"c{i}").ok
+
+
+def test_unsupported_value_names_the_key_path(ckpt, engine):
+    with pytest.raises(TypeError, match=r"opt/param_groups/0/fn"):
+        engine.save({"opt": {"param_groups": [{"fn": lambda: 1}]}}, ckpt)
+    with pytest.raises(fastckpt.UnsupportedTypeError, match="object"):
+        engine.save({"x": object()}, ckpt)
+    assert not os.path.exists(ckpt)
+    assert not [e for e in os.listdir(os.path.dirname(ckpt)) if "fastckpt" in e]
+
+
+def test_result_fields(ckpt, engine):
+    r = engine.save(state(), ckpt).wait(timeout=60)
+    assert r.path == os.path.abspath(ckpt)
+    assert r.nbytes == 8 * 64 * 1024 * 4
+    assert 0 < r.stall_s <= r.total_s
+    assert r.num_tensors == 8 and r.num_shards >= 1
+
+
+def _fail_writes(monkeypatch):
+    faulty = FaultyOS(write=(ENOSPC, always))
+    monkeypatch.setattr(writer, "os", faulty)
+    return faulty
+
+
+def test_background_failure_surfaces_at_wait(ckpt, engine, monkeypatch):
+    engine.save({"x": torch.ones(4)}, ckpt).wait(timeout=60)
+    faulty = _fail_writes(monkeypatch)
+    handle = engine.save({"x": torch.zeros(4)}, ckpt)
+    with pytest.raises(fastckpt.CheckpointWriteError, match="shard-00001") as info:
+        handle.wait(timeout=60)
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == ENOSPC and faulty.calls["write"] > 0
+    assert torch.equal(fastckpt.load(ckpt, verify=True)["x"], torch.ones(4))  # old one intact
+    assert [e for e in os.listdir(os.path.dirname(ckpt))] == ["ckpt"]  # temp dir removed
+    monkeypatch.undo()
+    engine.save({"x": torch.zeros(4)}, ckpt).wait(timeout=60)  # the engine keeps working
+    assert torch.equal(fastckpt.load(ckpt)["x"], torch.zeros(4))
+
+
+def test_background_failure_surfaces_at_next_save(ckpt, engine, monkeypatch):
+    _fail_writes(monkeypatch)
+    handle = engine.save({"x": torch.zeros(4)}, ckpt)
+    while not handle.done():
+        handle._future.exception(timeout=60)
+    monkeypatch.undo()
+    with pytest.raises(fastckpt.CheckpointWriteError):
+        engine.save({"x": torch.ones(4)}, ckpt)
+    engine.save({"x": torch.ones(4)}, ckpt).wait(timeout=60)  # reported once, then cleared
+    assert torch.equal(fastckpt.load(ckpt)["x"], torch.ones(4))
+
+
+def test_atomic_replace_keeps_old_until_commit(ckpt, engine):
+    engine.save({"v": torch.tensor(1)}, ckpt).wait(timeout=60)
+    engine.save({"v": torch.tensor(2), "extra": torch.ones(3)}, ckpt).wait(timeout=60)
+    out = fastckpt.load(ckpt, verify=True)
+    assert out["v"].item() == 2 and "extra" in out
+    assert sorted(os.listdir(os.path.dirname(ckpt))) == ["ckpt"]
+
+
+def test_exchange_fallback_path(ckpt, engine, monkeypatch):
+    monkeypatch.setattr(commit, "_exchange", lambda a, b: False)
+    engine.save({"v": torch.tensor(1)}, ckpt).wait(timeout=60)
+    engine.save({"v": torch.tensor(2)}, ckpt).wait(timeout=60)
+    assert fastckpt.load(ckpt)["v"].item() == 2
+    assert sorted(os.listdir(os.path.dirname(ckpt))) == ["ckpt"]
+
+
+def test_crash_between_fallback_renames_is_recovered(ckpt, engine):
+    engine.save({"v": torch.tensor(1)}, ckpt).wait(timeout=60)
+    dead = _dead_pid()
+    old = os.path.join(os.path.dirname(ckpt), f".ckpt{commit.OLD_TAG}{dead}-abc")
+    os.rename(ckpt, old)  # as if killed after the first rename
+    assert fastckpt.load(ckpt)["v"].item() == 1  # readers find the old one
+    engine.save({"v": torch.tensor(2)}, ckpt).wait(timeout=60)
+    assert fastckpt.load(ckpt)["v"].item() == 2
+    assert sorted(os.listdir(os.path.dirname(ckpt))) == ["ckpt"]
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_leftovers_of_dead_saves_are_cleaned(ckpt, engine):
+    dead = _dead_pid()
+    leftover = os.path.join(os.path.dirname(ckpt), f".ckpt{commit.TMP_TAG}{dead}-deadbeef")
+    os.makedirs(leftover)
+    open(os.path.join(leftover, "shard-00001-of-00001.safetensors"), "wb").close()
+    engine.save({"x": torch.ones(2)}, ckpt).wait(timeout=60)
+    assert not os.path.exists(leftover)
+
+
+def test_refuses_to_replace_foreign_data(tmp_path, engine):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "precious.txt").write_text("x")
+    with pytest.raises(fastckpt.CheckpointError, match="not a fastckpt checkpoint"):
+        engine.save({"x": torch.ones(1)}, d)
+    f = tmp_path / "file.pt"
+    f.write_bytes(b"x")
+    with pytest.raises(fastckpt.CheckpointError, match="not a directory"):
+        engine.save({"x": torch.ones(1)}, f)
+    assert (d / "precious.txt").read_text() == "x" and f.read_bytes() == b"x"
+
+
+def test_closed_engine_refuses(ckpt):
+    c = fastckpt.Checkpointer()
+    h = c.save({"x": torch.ones(1)}, ckpt)
+    c.close()
+    assert h.done() and h.wait().nbytes == 4
+    with pytest.raises(fastckpt.CheckpointError, match="closed"):
+        c.save({"x": torch.ones(1)}, ckpt)
+
+
+def test_module_level_save_completes_at_interpreter_exit(tmp_path):
+    path = tmp_path / "exit"
+    code = (
+        "import torch, fastckpt\n"
+        f"fastckpt.save({{'x': torch.arange(1000000)}}, {str(path)!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert torch.equal(fastckpt.load(path, verify=True)["x"], torch.arange(1000000))
+
+
+def test_await_handle(ckpt, engine):
+    import asyncio
+
+    async def main():
+        return await engine.save({"x": torch.ones(3)}, ckpt)
+
+    assert asyncio.run(main()).nbytes == 12

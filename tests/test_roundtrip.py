@@ -1,0 +1,153 @@
+"""Round trips through save/load: every supported type, dtype, layout and aliasing."""
+
+import collections
+import glob
+import math
+import os
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from conftest import assert_same, bits
+
+import fastckpt
+from fastckpt.plan import ST_DTYPES
+
+DTYPES = sorted(ST_DTYPES, key=str)
+
+
+def _rand(dtype, shape=(5, 7)):
+    if dtype == torch.bool:
+        return torch.rand(shape) > 0.5
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape).to(dtype)
+    info = torch.iinfo(dtype)
+    lo, hi = max(info.min, -1000), min(info.max, 1000)
+    return torch.randint(lo, hi, shape, dtype=torch.int64).to(dtype)
+
+
+def roundtrip(obj, path, **load_kw):
+    fastckpt.save(obj, path).wait(timeout=60)
+    return fastckpt.load(path, **load_kw)
+
+
+def test_plain_values_round_trip(ckpt):
+    obj = {
+        "none": None, "t": True, "f": False, "i": -(2**63), "big": 2**100, "s": "héllo",
+        "float": 0.1, "nan": math.nan, "inf": math.inf, "ninf": -math.inf, "neg0": -0.0,
+        "bytes": b"\x00\xff\x10", "dtype": torch.bfloat16, "size": torch.Size([2, 3]),
+        "device": torch.device("cpu"), "tuple": (1, (2, [3, {"x": 4}])), "list": [],
+        "int_keys": {0: "a", 1: "b", -5: "c"}, "tuple_key": {(1, 2): 3},
+        "mixed_keys": {1: "int", "1": "str", 1.5: "float", None: "none", False: "bool"},
+        "od": collections.OrderedDict([("b", 1), ("a", 2)]),
+        "np_scalars": [np.float32(1.5), np.int64(-3), np.bool_(True), np.float64(math.nan)],
+        "ndarray": np.arange(12, dtype=np.int16).reshape(3, 4),
+        "ndarray_f": np.random.rand(2, 2),
+        "$dict": {"$tuple": "user keys that look like tags stay keys"},
+    }
+    out = roundtrip(obj, ckpt)
+    assert_same(obj, out)
+    assert math.copysign(1.0, out["neg0"]) == -1.0
+    assert isinstance(out["od"], collections.OrderedDict)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_dtype(ckpt, dtype):
+    obj = {"x": _rand(dtype), "scalar": _rand(dtype, ()), "empty": _rand(dtype, (0, 3))}
+    for mmap in (True, False):
+        assert_same(obj, roundtrip(obj, ckpt, mmap=mmap))
+
+
+def test_special_float_values_are_bit_exact(ckpt):
+    x = torch.tensor([math.nan, -math.nan, math.inf, -0.0, 1e-45], dtype=torch.float32)
+    assert torch.equal(bits(roundtrip({"x": x}, ckpt)["x"]), bits(x))
+
+
+def test_non_contiguous_views(ckpt):
+    base = torch.randn(6, 8)
+    obj = {
+        "t": torch.randn(4, 5).t(),
+        "stride": torch.randn(10)[::3],
+        "expanded": torch.randn(3, 1).expand(3, 4),
+        "channels_last": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        "cols": base[:, 2:5],
+    }
+    out = roundtrip(obj, ckpt)
+    for k in obj:
+        assert torch.equal(out[k], obj[k]), k
+
+
+def test_tied_and_viewed_tensors_share_storage(ckpt):
+    w = torch.randn(16, 8)
+    obj = {"embed": w, "lm_head": w, "half": w[:8], "row": w[3]}
+    out = roundtrip(obj, ckpt)
+    for k in obj:
+        assert torch.equal(out[k], obj[k])
+    ptr = out["embed"].untyped_storage().data_ptr()
+    assert all(out[k].untyped_storage().data_ptr() == ptr for k in obj)
+    out["embed"][3, 0] = 123.0
+    assert out["row"][0] == 123.0 and out["lm_head"][3, 0] == 123.0
+    m = fastckpt.manifest.read(ckpt)
+    assert len(m.tensors) == 1 and m.nbytes == w.numel() * 4  # written once
+
+
+def test_model_and_optimizer_state(ckpt):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    sched.step()
+    obj = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+           "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "step": 1}
+    out = roundtrip(obj, ckpt)
+    assert_same(obj, out)
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt2.load_state_dict(out["opt"])
+    model.load_state_dict(out["model"])
+
+
+def test_stock_safetensors_reads_every_shard(tmp_path):
+    obj = {f"w{i}": torch.randn(256, 256) for i in range(6)}  # 256 KiB each
+    path = os.path.join(tmp_path, "ck")
+    with fastckpt.Checkpointer(shard_size=600 << 10) as c:
+        c.save(obj, path).wait(timeout=60)
+    shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    assert len(shards) == 3
+    seen = {}
+    for f in shards:
+        seen.update(safetensors.torch.load_file(f))
+    assert set(seen) == set(obj)
+    for k in obj:
+        assert torch.equal(seen[k], obj[k])
+
+
+def test_mmap_load_is_zero_copy_and_writable(ckpt):
+    x = torch.randn(1024, 256)
+    out = roundtrip({"x": x}, ckpt, mmap=True)["x"]
+    out.add_(1)  # private mapping: writable, and the file stays untouched
+    assert torch.equal(fastckpt.load(ckpt)["x"], x)
+    assert fastckpt.verify(ckpt).ok
+
+
+def test_metadata_is_stored(ckpt):
+    fastckpt.save({"x": torch.ones(1)}, ckpt, metadata={"step": 7, "loss": math.nan}).wait()
+    meta = fastckpt.manifest.read(ckpt).metadata
+    assert meta["step"] == 7 and math.isnan(meta["loss"])
+
+
+@pytest.mark.parametrize("kind", ["xxh3", "sha256", None])
+def test_checksum_kinds(ckpt, kind):
+    obj = {"x": torch.randn(100)}
+    fastckpt.save(obj, ckpt, checksum=kind).wait()
+    assert torch.equal(fastckpt.load(ckpt, verify=kind is not None)["x"], obj["x"])
+    assert fastckpt.verify(ckpt).ok == (kind is not None)
+
+
+def test_map_location(ckpt):
+    obj = {"x": torch.randn(3)}
+    fastckpt.save(obj, ckpt).wait()
+    assert fastckpt.load(ckpt, map_location=None)["x"].device.type == "cpu"
+    assert fastckpt.load(ckpt, map_location={"cuda:0": "cpu"})["x"].device.type == "cpu"
+    assert fastckpt.load(ckpt, map_location=torch.device("cpu"))["x"].device.type == "cpu"
