@@ -113,7 +113,7 @@ class Checkpointer:
     ) -> None:
         if shard_size <= 0 or max_inflight < 1:
             raise ValueError("shard_size must be > 0 and max_inflight >= 1")
-        self.workers = workers or min(8, max(2, os.cpu_count() or 2))
+        self.workers = workers or min(8, max(4, os.cpu_count() or 4))
         self.shard_size = shard_size
         self.checksum = check_kind(checksum)
         self.max_inflight = max_inflight
@@ -121,6 +121,7 @@ class Checkpointer:
         self._pool = StagingPool(staging_budget or _default_budget(), pin)
         self._stager = Stager(self._pool)
         self._writers = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="fastckpt-write")
+        self._hashers = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="fastckpt-hash")
         # One committer thread: saves commit in the order they were made.
         self._committer = cf.ThreadPoolExecutor(1, thread_name_prefix="fastckpt-commit")
         self._slots = threading.BoundedSemaphore(max_inflight)
@@ -191,7 +192,9 @@ class Checkpointer:
                 q: queue.Queue = queue.Queue()
                 queues.append(q)
                 futures.append(
-                    self._writers.submit(write_shard, shard, tmp, q, self._pool, kind)
+                    self._writers.submit(
+                        write_shard, shard, tmp, q, self._pool, kind, self._hashers
+                    )
                 )
                 held.append([])
                 self._stager.stage_shard(shard, held[-1].append if defer else q.put)
@@ -267,6 +270,7 @@ class Checkpointer:
         self._closed = True
         self._committer.shutdown(wait=True)
         self._writers.shutdown(wait=True)
+        self._hashers.shutdown(wait=True)
         self._pool.clear()
 
     def __enter__(self) -> Checkpointer:

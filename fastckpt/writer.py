@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from . import checksum as ck
@@ -66,9 +67,12 @@ def write_shard(
     blocks: queue.Queue[Block | None],
     pool: StagingPool,
     checksum: str | None,
+    hashers: Executor,
 ) -> ShardResult:
     """Write ``shard`` into ``directory`` from the blocks arriving on ``blocks``
-    (``None`` ends the stream); raises :class:`CheckpointWriteError` naming the file."""
+    (``None`` ends the stream), hashing each block on ``hashers``.
+
+    Raises :class:`CheckpointWriteError` naming the file."""
     path = os.path.join(directory, shard.file)
     digests = _Digests(checksum)
     error: BaseException | None = None
@@ -82,8 +86,13 @@ def write_shard(
         try:
             if error is None:
                 data = block.ready()
-                digests.update(block, data)
-                write_all(fd, data)
+                # Hash on another thread while this one writes: both release the GIL,
+                # so the checksum hides behind the write instead of adding to it.
+                hashed = hashers.submit(digests.update, block, data)
+                try:
+                    write_all(fd, data)
+                finally:
+                    hashed.result()
         except BaseException as e:  # noqa: BLE001 - reported below, after draining
             error = error or e
         finally:
