@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import asyncio
 import atexit
 import os
 import threading
@@ -25,13 +26,14 @@ from .errors import (
     IncompatibleCheckpointError,
     UnsupportedTypeError,
 )
-from .reader import VerifyReport
+from .reader import CheckpointReader, VerifyReport
 from .reader import load as _load
 from .reader import verify as _verify
 
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
+    "CheckpointReader",
     "CheckpointWriteError",
     "Checkpointer",
     "CorruptCheckpointError",
@@ -40,7 +42,9 @@ __all__ = [
     "SaveResult",
     "UnsupportedTypeError",
     "VerifyReport",
+    "aload",
     "load",
+    "open",
     "save",
     "verify",
 ]
@@ -102,3 +106,23 @@ def verify(path: PathLike) -> VerifyReport:
     lists each problem (naming file and tensor) when anything is wrong.
     """
     return _verify(path, workers=min(8, os.cpu_count() or 2))
+
+
+def open(path: PathLike, mmap: bool = True, verify: bool = False) -> CheckpointReader:  # noqa: A001
+    """Open a checkpoint for lazy access without reading its tensors.
+
+    ``reader.keys()`` lists the key paths of the saved tensors, ``reader[key]`` reads
+    one (verified against its checksum when ``verify=True``), ``reader.metadata`` is
+    the user metadata and ``reader.load()`` the whole object::
+
+        with fastckpt.open("ckpt/step_10") as r:
+            emb = r["model/embed.weight"]
+    """
+    return CheckpointReader(path, mmap=mmap, verify=verify)
+
+
+async def aload(path: PathLike, map_location: Any = "cpu", mmap: bool = True,
+                verify: bool = False) -> Any:
+    """:func:`load` for asyncio programs: the reads run on worker threads, so the
+    event loop keeps serving while a checkpoint loads."""
+    return await asyncio.to_thread(load, path, map_location, mmap, verify)

@@ -24,7 +24,7 @@ from .errors import CheckpointError, CheckpointWriteError
 from .plan import Plan, make_plan, manifest_tensor
 from .staging import Stager, StagingPool
 from .tree import flatten
-from .writer import ShardResult, write_shard
+from .writer import DaemonPool, ShardResult, write_shard
 
 PathLike = Union[str, "os.PathLike[str]"]
 _UNSET: Any = object()
@@ -121,7 +121,7 @@ class Checkpointer:
         self._pool = StagingPool(staging_budget or _default_budget(), pin)
         self._stager = Stager(self._pool)
         self._writers = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="fastckpt-write")
-        self._hashers = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="fastckpt-hash")
+        self._hashers = DaemonPool(self.workers, "fastckpt-hash")
         # One committer thread: saves commit in the order they were made.
         self._committer = cf.ThreadPoolExecutor(1, thread_name_prefix="fastckpt-commit")
         self._slots = threading.BoundedSemaphore(max_inflight)
@@ -270,7 +270,7 @@ class Checkpointer:
         self._closed = True
         self._committer.shutdown(wait=True)
         self._writers.shutdown(wait=True)
-        self._hashers.shutdown(wait=True)
+        self._hashers.shutdown()
         self._pool.clear()
 
     def __enter__(self) -> Checkpointer:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .checksum import KINDS
@@ -57,6 +57,16 @@ class Manifest:
     tree: Any
     metadata: dict
     raw: dict
+    _members: list[list[TensorEntry]] | None = field(default=None, repr=False)
+
+    def shard_members(self, index: int) -> list[TensorEntry]:
+        """The tensors of shard ``index`` in file order."""
+        if self._members is None:
+            members: list[list[TensorEntry]] = [[] for _ in self.shards]
+            for t in self.tensors.values():
+                members[t.shard].append(t)
+            self._members = [sorted(ts, key=lambda t: t.start) for ts in members]
+        return self._members[index]
 
     @property
     def nbytes(self) -> int:
@@ -188,6 +198,7 @@ def _tensor(name: str, t: Any, nshards: int, kind: str | None) -> TensorEntry:
 
 def _ref(r: Any, tensors: dict[str, TensorEntry]) -> None:
     _require(isinstance(r, dict) and r.get("tensor") in tensors, f"bad tensor reference {r!r}")
+    _require(isinstance(r.get("path", ""), str), f"bad key path in {r!r}")
     view = r.get("view")
     if view is None:
         return

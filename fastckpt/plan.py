@@ -131,7 +131,7 @@ def _store_group(flat: Flat, idx: list[int], names: _Names, stored: list, refs: 
         s = Stored(names(flat.paths[idx[0]]), ts[0])
         stored.append(s)
         for i in idx:
-            refs[i] = {"tensor": s.name}
+            refs[i] = {"tensor": s.name, "path": flat.paths[i]}
         return
     if len({t.dtype for t in ts}) > 1:
         # Views of one storage as different dtypes: store each on its own (not shared).
@@ -150,7 +150,7 @@ def _store_group(flat: Flat, idx: list[int], names: _Names, stored: list, refs: 
             "shape": list(t.shape),
             "stride": list(t.stride()),
         }
-        refs[i] = {"tensor": s.name, "view": view}
+        refs[i] = {"tensor": s.name, "path": flat.paths[i], "view": view}
 
 
 def _extent(t: torch.Tensor) -> int:

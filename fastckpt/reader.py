@@ -12,6 +12,8 @@ import concurrent.futures as cf
 import json
 import mmap as mmap_mod
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,7 @@ from .plan import ST_DTYPES
 from .tree import dtype_from_name, unflatten
 
 MAX_HEADER_BYTES = 100 << 20
-
+READ_CHUNK = 16 << 20  # bytes per parallel read task: large enough to stream, small to balance
 
 
 def resolve(path: Any) -> str:
@@ -51,9 +53,21 @@ class Shard:
     size: int
     data_start: int
     header: bytes
+    _map: Any = None
+
+    def mapping(self) -> mmap_mod.mmap:
+        """A private (copy-on-write) mapping: tensors viewing it are writable while
+        the file stays untouched."""
+        if self._map is None:
+            self._map = mmap_mod.mmap(self.fd, 0, access=mmap_mod.ACCESS_COPY)
+        return self._map
+
+    @property
+    def raw_header(self) -> bytes:
+        return len(self.header).to_bytes(8, "little") + self.header
 
     def close(self) -> None:
-        os.close(self.fd)
+        os.close(self.fd)  # a mapping, if any, lives on as long as tensors view it
 
 
 def open_shard(ckpt: str, m: mf.Manifest, index: int) -> Shard:
@@ -106,7 +120,7 @@ def _match_header(shard: Shard, m: mf.Manifest, index: int, entry: mf.ShardEntry
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{where}: safetensors header is not an object")
     header.pop("__metadata__", None)
-    expected = {t.name: t for t in m.tensors.values() if t.shard == index}
+    expected = {t.name: t for t in m.shard_members(index)}
     if set(header) != set(expected):
         diff = sorted(set(header) ^ set(expected))[:5]
         raise CorruptCheckpointError(f"{where}: header and manifest disagree on tensors {diff}")
@@ -126,7 +140,8 @@ def _match_header(shard: Shard, m: mf.Manifest, index: int, entry: mf.ShardEntry
             raise CorruptCheckpointError(f"{where}: tensor {name!r} ends past the end of the file")
 
 
-def _target_device(map_location: Any, saved: str) -> torch.device | None:
+def target_device(map_location: Any, saved: str) -> torch.device:
+    """Where a tensor saved on device ``saved`` goes, under torch.load-like rules."""
     if map_location is None:
         return torch.device(saved)
     if isinstance(map_location, dict):
@@ -134,86 +149,236 @@ def _target_device(map_location: Any, saved: str) -> torch.device | None:
     return torch.device(map_location)
 
 
-def _view(buf: Any, shard: Shard, t: mf.TensorEntry) -> torch.Tensor:
-    dtype = dtype_from_name(t.dtype)
-    count = (t.stop - t.start) // dtype.itemsize
-    if count == 0:
-        return torch.empty(t.shape, dtype=dtype)
-    flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=shard.data_start + t.start)
-    return flat.view(t.shape)
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, as a writable memoryview."""
+    if t.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _read(shard: Shard, t: mf.TensorEntry) -> torch.Tensor:
-    out = torch.empty(t.shape, dtype=dtype_from_name(t.dtype))
-    if t.stop > t.start:
-        mv = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        done, offset = 0, shard.data_start + t.start
-        while done < len(mv):
-            n = os.preadv(shard.fd, [mv[done:]], offset + done)
-            if n <= 0:
-                raise CorruptCheckpointError(f"{shard.path}: truncated inside {t.name!r}")
-            done += n
-    return out
+def pread_into(fd: int, offset: int, buf: memoryview, path: str) -> None:
+    """Fill ``buf`` from ``offset``; a short read means the file shrank under us."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise CorruptCheckpointError(f"{path}: truncated at byte {offset + done}")
+        done += n
 
 
-def _check_digest(m: mf.Manifest, t: mf.TensorEntry, tensor: torch.Tensor, where: str) -> str:
-    data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
-    got = ck.digest(m.checksum, data)
-    if got != t.checksum:
-        raise CorruptCheckpointError(f"{where}: checksum mismatch in tensor {t.name!r}")
-    return got
+class CheckpointReader:
+    """Lazy, random access to a checkpoint: the manifest is read on open, each shard
+    is opened (and its header validated) only when one of its tensors is asked for.
 
+    ``keys()`` are the key paths of the saved object's tensors (``"model/fc.weight"``,
+    list indices and dict keys joined by ``/``); ``reader[key]`` reads just that
+    tensor. ``load()`` rebuilds the whole object. Use as a context manager.
+    """
 
-def _load_shard(ckpt: str, m: mf.Manifest, index: int, mmap: bool, verify: bool) -> dict:
-    shard = open_shard(ckpt, m, index)
-    try:
-        buf = mmap_mod.mmap(shard.fd, 0, access=mmap_mod.ACCESS_COPY) if mmap else None
-        members = sorted((t for t in m.tensors.values() if t.shard == index), key=lambda t: t.start)
-        out = {t.name: (_view(buf, shard, t) if mmap else _read(shard, t)) for t in members}
-        if verify and m.checksum is not None:
-            digests = [_check_digest(m, t, out[t.name], shard.path) for t in members]
-            if ck.shard_digest(m.checksum, _raw_header(shard), digests) != m.shards[index].checksum:
+    def __init__(self, path: Any, mmap: bool = True, verify: bool = False,
+                 workers: int = 4) -> None:
+        self.path = resolve(path)
+        self.manifest = mf.read(self.path)
+        if verify and self.manifest.checksum is None:
+            raise CheckpointError(f"{self.path}: saved without checksums; cannot verify")
+        self.mmap, self.verify, self.workers = mmap, verify, workers
+        self._shards: dict[int, Shard] = {}
+        self._lock = threading.Lock()
+        self._by_path: dict[str, int] | None = None
+
+    # -- mapping interface ----------------------------------------------------
+
+    @property
+    def metadata(self) -> dict:
+        """The user metadata passed to ``save(..., metadata=...)``."""
+        return self.manifest.metadata
+
+    def keys(self) -> list[str]:
+        return list(self._paths())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths())
+
+    def __len__(self) -> int:
+        return len(self._paths())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._paths()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        index = self._paths().get(key)
+        if index is None:
+            raise KeyError(f"{key!r} is not a tensor of {self.path}")
+        ref = self.manifest.refs[index]
+        base = self.stored(ref["tensor"])
+        return _apply_view(base, ref)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def _paths(self) -> dict[str, int]:
+        if self._by_path is None:
+            paths: dict[str, int] = {}
+            for i, r in enumerate(self.manifest.refs):
+                paths.setdefault(r.get("path", f"#{i}"), i)
+            self._by_path = paths
+        return self._by_path
+
+    # -- stored tensors ---------------------------------------------------------
+
+    def shard(self, index: int) -> Shard:
+        with self._lock:
+            s = self._shards.get(index)
+            if s is None:
+                s = self._shards[index] = open_shard(self.path, self.manifest, index)
+            return s
+
+    def stored(self, name: str) -> torch.Tensor:
+        """The stored tensor ``name`` on the CPU (mapped, or read into fresh memory)."""
+        t = self.manifest.tensors[name]
+        shard = self.shard(t.shard)
+        out = self._view(shard, t) if self.mmap else self._read(shard, t, None)
+        if self.verify:
+            self._check(shard, t, out)
+        return out
+
+    def _view(self, shard: Shard, t: mf.TensorEntry) -> torch.Tensor:
+        dtype = dtype_from_name(t.dtype)
+        count = (t.stop - t.start) // dtype.itemsize
+        if count == 0:
+            return torch.empty(t.shape, dtype=dtype)
+        flat = torch.frombuffer(shard.mapping(), dtype=dtype, count=count,
+                                offset=shard.data_start + t.start)
+        return flat.view(t.shape)
+
+    def _read(self, shard: Shard, t: mf.TensorEntry, pool: cf.Executor | None) -> torch.Tensor:
+        out = torch.empty(t.shape, dtype=dtype_from_name(t.dtype))
+        buf = tensor_bytes(out)
+        base = shard.data_start + t.start
+        spans = range(0, len(buf), READ_CHUNK)
+        if pool is None or len(spans) <= 1:
+            pread_into(shard.fd, base, buf, shard.path)
+        else:  # one large tensor: read its chunks on all threads
+            list(pool.map(lambda a: pread_into(shard.fd, base + a, buf[a : a + READ_CHUNK],
+                                               shard.path), spans))
+        return out
+
+    def _check(self, shard: Shard, t: mf.TensorEntry, tensor: torch.Tensor) -> str:
+        got = ck.digest(self.manifest.checksum, tensor_bytes(tensor.contiguous()))
+        if got != t.checksum:
+            raise CorruptCheckpointError(f"{shard.path}: checksum mismatch in tensor {t.name!r}")
+        return got
+
+    # -- whole checkpoint -------------------------------------------------------
+
+    def load_stored(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor, read or mapped in parallel across shards."""
+        m = self.manifest
+        with cf.ThreadPoolExecutor(self.workers) as pool, \
+                cf.ThreadPoolExecutor(self.workers) as chunks:
+            parts = pool.map(lambda i: self._load_shard(i, chunks), range(len(m.shards)))
+            out: dict[str, torch.Tensor] = {}
+            for p in parts:
+                out.update(p)
+        return out
+
+    def _load_shard(self, index: int, chunks: cf.Executor) -> dict[str, torch.Tensor]:
+        shard = self.shard(index)
+        members = self.manifest.shard_members(index)
+        if self.mmap:
+            out = {t.name: self._view(shard, t) for t in members}
+        else:
+            out = {t.name: self._read(shard, t, chunks) for t in members}
+        if self.verify:
+            digests = [self._check(shard, t, out[t.name]) for t in members]
+            want = self.manifest.shards[index].checksum
+            if ck.shard_digest(self.manifest.checksum, shard.raw_header, digests) != want:
                 raise CorruptCheckpointError(f"{shard.path}: shard checksum mismatch (header)")
         return out
-    finally:
-        shard.close()
+
+    def load(self, map_location: Any = "cpu") -> Any:
+        """Rebuild the saved object (see :func:`fastckpt.load`)."""
+        stored = self.load_stored()
+        m = self.manifest
+        for name, t in list(stored.items()):
+            dev = target_device(map_location, m.tensors[name].device)
+            if dev != t.device:
+                stored[name] = to_device(t, dev)
+        return unflatten(m.tree, self._resolver(stored))
+
+    def _resolver(self, stored: dict[str, torch.Tensor]):
+        refs = self.manifest.refs
+
+        def tensor(index: int, tag: str) -> Any:
+            if index >= len(refs):
+                raise CorruptCheckpointError(f"tree refers to tensor #{index} of {len(refs)}")
+            t = _apply_view(stored[refs[index]["tensor"]], refs[index])
+            return t.cpu().numpy() if tag == "$ndarray" else t
+
+        return tensor
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._shards.values():
+                s.close()
+            self._shards.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
-def _raw_header(shard: Shard) -> bytes:
-    return len(shard.header).to_bytes(8, "little") + shard.header
+def _apply_view(base: torch.Tensor, ref: dict) -> torch.Tensor:
+    view = ref.get("view")
+    if view is None:
+        return base
+    return base.as_strided(view["shape"], view["stride"], base.storage_offset() + view["offset"])
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to ``device``; CUDA copies go through pinned bounce buffers
+    so that reading the file overlaps the host-to-device transfer."""
+    if device.type != "cuda" or t.numel() == 0:
+        return t.to(device)
+    return _h2d(t, device)
+
+
+_BOUNCE = 64 << 20
+
+
+def _h2d(src: torch.Tensor, device: torch.device) -> torch.Tensor:
+    out = torch.empty(src.shape, dtype=src.dtype, device=device)
+    src_b = src.reshape(-1).view(torch.uint8)
+    dst_b = out.reshape(-1).view(torch.uint8)
+    stream = torch.cuda.Stream(device)
+    bufs = [torch.empty(min(_BOUNCE, src_b.numel()), dtype=torch.uint8, pin_memory=True)
+            for _ in range(2)]
+    events: list[Any] = [None, None]
+    for k, a in enumerate(range(0, src_b.numel(), _BOUNCE)):
+        b = min(a + _BOUNCE, src_b.numel())
+        i = k % 2
+        if events[i] is not None:
+            events[i].synchronize()  # the copy that used this buffer has finished
+        bufs[i][: b - a].copy_(src_b[a:b])  # page faults of the mapping happen here
+        with torch.cuda.stream(stream):
+            dst_b[a:b].copy_(bufs[i][: b - a], non_blocking=True)
+            events[i] = torch.cuda.Event()
+            events[i].record(stream)
+    stream.synchronize()
+    out.record_stream(torch.cuda.current_stream(device))
+    return out
 
 
 def load(path: Any, map_location: Any = "cpu", mmap: bool = True, verify: bool = False,
          workers: int = 4) -> Any:
     """Load the checkpoint at ``path``; see :func:`fastckpt.load`."""
-    ckpt = resolve(path)
-    m = mf.read(ckpt)
-    if verify and m.checksum is None:
-        raise CheckpointError(f"{ckpt}: saved without checksums; cannot verify")
-    with cf.ThreadPoolExecutor(min(workers, max(1, len(m.shards)))) as pool:
-        parts = pool.map(lambda i: _load_shard(ckpt, m, i, mmap, verify), range(len(m.shards)))
-        stored: dict[str, torch.Tensor] = {}
-        for p in parts:
-            stored.update(p)
-    for name, t in list(stored.items()):
-        dev = _target_device(map_location, m.tensors[name].device)
-        if dev is not None and dev != t.device:
-            stored[name] = t.to(dev)
-    return unflatten(m.tree, _resolver(m, stored))
-
-
-def _resolver(m: mf.Manifest, stored: dict[str, torch.Tensor]):
-    def tensor(index: int, tag: str) -> Any:
-        if index >= len(m.refs):
-            raise CorruptCheckpointError(f"tree refers to tensor #{index} of {len(m.refs)}")
-        ref = m.refs[index]
-        t = stored[ref["tensor"]]
-        view = ref.get("view")
-        if view is not None:
-            t = t.as_strided(view["shape"], view["stride"], t.storage_offset() + view["offset"])
-        return t.cpu().numpy() if tag == "$ndarray" else t
-
-    return tensor
+    with CheckpointReader(path, mmap=mmap, verify=verify, workers=workers) as r:
+        return r.load(map_location)
 
 
 @dataclass
@@ -235,18 +400,18 @@ def _verify_shard(ckpt: str, m: mf.Manifest, index: int) -> list[str]:
     except CheckpointError as e:
         return [str(e)]
     try:
-        buf = mmap_mod.mmap(shard.fd, 0, access=mmap_mod.ACCESS_READ) if shard.size else b""
-        mv = memoryview(buf)
-        problems, digests = [], []
-        members = sorted((t for t in m.tensors.values() if t.shard == index), key=lambda t: t.start)
-        for t in members:
-            d = ck.digest(m.checksum, mv[shard.data_start + t.start : shard.data_start + t.stop])
-            digests.append(d)
-            if d != t.checksum:
-                problems.append(f"{shard.path}: checksum mismatch in tensor {t.name!r}")
-        if ck.shard_digest(m.checksum, _raw_header(shard), digests) != m.shards[index].checksum:
-            problems.append(f"{shard.path}: shard checksum mismatch")
-        mv.release()
+        buf = mmap_mod.mmap(shard.fd, 0, access=mmap_mod.ACCESS_READ)
+        with memoryview(buf) as mv:
+            problems, digests = [], []
+            for t in m.shard_members(index):
+                a, b = shard.data_start + t.start, shard.data_start + t.stop
+                d = ck.digest(m.checksum, mv[a:b])
+                digests.append(d)
+                if d != t.checksum:
+                    problems.append(f"{shard.path}: checksum mismatch in tensor {t.name!r}")
+            if ck.shard_digest(m.checksum, shard.raw_header, digests) != m.shards[index].checksum:
+                problems.append(f"{shard.path}: shard checksum mismatch")
+        buf.close()
         return problems
     finally:
         shard.close()

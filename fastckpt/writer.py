@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import queue
-from concurrent.futures import Executor
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from . import checksum as ck
@@ -24,6 +25,40 @@ class ShardResult:
     size: int
     checksum: str | None
     tensor_checksums: dict[str, str | None] = field(default_factory=dict)
+
+
+class DaemonPool:
+    """Threads that run hashing beside the writers.
+
+    Not a ThreadPoolExecutor: those refuse new work once interpreter shutdown has
+    begun, while an exiting program still waits (atexit) for its saves to finish.
+    """
+
+    def __init__(self, n: int, name: str) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+                         for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        for fn, args, fut in iter(self._q.get, None):
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the waiter
+                    fut.set_exception(e)
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        self._q.put((fn, args, fut))
+        return fut
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join()
 
 
 def write_all(fd: int, data) -> None:
@@ -67,7 +102,7 @@ def write_shard(
     blocks: queue.Queue[Block | None],
     pool: StagingPool,
     checksum: str | None,
-    hashers: Executor,
+    hashers: DaemonPool,
 ) -> ShardResult:
     """Write ``shard`` into ``directory`` from the blocks arriving on ``blocks``
     (``None`` ends the stream), hashing each block on ``hashers``.

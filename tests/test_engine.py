@@ -198,10 +198,10 @@ def test_module_level_save_completes_at_interpreter_exit(tmp_path):
     path = tmp_path / "exit"
     code = (
         "import torch, fastckpt\n"
-        f"fastckpt.save({{'x': torch.arange(1000000)}}, {str(path)!r})\n"
+        f"fastckpt.save({{'x': torch.arange(4_000_000)}}, {str(path)!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-    assert torch.equal(fastckpt.load(path, verify=True)["x"], torch.arange(1000000))
+    assert torch.equal(fastckpt.load(path, verify=True)["x"], torch.arange(4_000_000))
 
 
 def test_await_handle(ckpt, engine):
