@@ -322,6 +322,7 @@ PyObject* py_pread_direct_into(PyObject*, PyObject* args, PyObject* kwargs) {
   if (!get_buffer(obj, b, true) || !check_range(offset, b.size()) ||
       !check_eof("pread_direct_into", fd, offset, b.size()))
     return nullptr;
+  if (b.size() == 0) Py_RETURN_NONE;
   Status st;
   char* dst = b.data();
   size_t len = b.size();
@@ -341,6 +342,7 @@ PyObject* py_pread_direct_into(PyObject*, PyObject* args, PyObject* kwargs) {
 // Writes the aligned body of src with O_DIRECT, staging it through an aligned
 // bounce buffer when src itself is not aligned.
 void direct_write_body(int fd, const char* src, size_t len, long long offset, Status& st) {
+  if (len == 0) return;
   if (is_aligned(reinterpret_cast<uintptr_t>(src))) return write_range(fd, src, len, offset, st);
   AlignedPtr bounce = aligned_alloc_or_null(std::min(kBounce, len));
   if (!bounce) return st.fail(ENOMEM);

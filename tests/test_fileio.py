@@ -209,6 +209,7 @@ def test_direct_read_equals_buffered_read(impl, big_file, offset, length, shift)
         assert raw[shift:] == big_file[1][offset : offset + length]
         with pytest.raises(EOFError):
             fileio.pread_direct_into(fd, 64 * MiB - 10, bytearray(11))
+        fileio.pread_direct_into(fd, 5, bytearray(0))
     finally:
         os.close(fd)
 
@@ -222,6 +223,8 @@ def test_direct_write_round_trip(impl, tmp_path, big_file):
     try:
         fileio.pwrite_direct(fd, 0, memoryview(data)[1 : 3 * MiB + 4])  # unaligned source
         fileio.pwrite_direct(fd, 4 * MiB, data[: 2 * 4096])
+        fileio.pwrite_direct(fd, 5 * MiB, data[7:10])  # tail only
+        fileio.pwrite_direct(fd, 6 * MiB, b"")
         with pytest.raises(ValueError):
             fileio.pwrite_direct(fd, 100, b"x")
     finally:
@@ -229,7 +232,8 @@ def test_direct_write_round_trip(impl, tmp_path, big_file):
     written = path.read_bytes()
     assert written[: 3 * MiB + 3] == data[1 : 3 * MiB + 4]
     assert written[3 * MiB + 3 : 4 * MiB] == bytes(MiB - 3)
-    assert written[4 * MiB :] == data[: 2 * 4096]
+    assert written[4 * MiB : 4 * MiB + 2 * 4096] == data[: 2 * 4096]
+    assert written[5 * MiB :] == data[7:10]
 
 
 @pytest.mark.parametrize("access", [mmap.ACCESS_READ, mmap.ACCESS_COPY, mmap.ACCESS_WRITE])
