@@ -1,5 +1,19 @@
-"""Build hook for the optional C++ extension; all metadata lives in pyproject.toml."""
+"""Build hook for the optional C++ extension; all metadata lives in pyproject.toml.
 
-from setuptools import setup
+The extension is optional: without a working compiler the build warns and fastckpt
+falls back to its pure-Python I/O (fastckpt/fileio.py).
+"""
 
-setup()
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "fastckpt._native",
+            ["native/fastckpt_native.cpp"],
+            extra_compile_args=["-O3", "-std=c++17"],
+            language="c++",
+            optional=True,
+        )
+    ]
+)
