@@ -14,7 +14,7 @@ import mmap
 import os
 import tempfile
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 

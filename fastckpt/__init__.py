@@ -26,9 +26,11 @@ from .errors import (
     IncompatibleCheckpointError,
     UnsupportedTypeError,
 )
+from .fileio import native_available
 from .reader import CheckpointReader, VerifyReport
 from .reader import load as _load
 from .reader import verify as _verify
+from .restore import LoadReport, load_into
 
 __all__ = [
     "CheckpointError",
@@ -38,12 +40,15 @@ __all__ = [
     "Checkpointer",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "LoadReport",
     "SaveHandle",
     "SaveResult",
     "UnsupportedTypeError",
     "VerifyReport",
     "aload",
     "load",
+    "load_into",
+    "native_available",
     "open",
     "save",
     "verify",

@@ -18,7 +18,7 @@ import operator
 import os
 import stat
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from .checksum import KINDS
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
 from .tree import dtype_from_name, unflatten
@@ -48,16 +50,73 @@ class ShardEntry:
 
 @dataclass
 class Manifest:
-    """A parsed, validated manifest."""
+    """A parsed manifest. Shards, format and metadata are validated on parse; tensor
+    entries and references are validated when first used (all of them by
+    :attr:`tensors` / :attr:`refs`), so opening a checkpoint of many tensors to
+    read one stays cheap."""
 
     checksum: str | None
     shards: list[ShardEntry]
-    tensors: dict[str, TensorEntry]
-    refs: list[dict]
     tree: Any
     metadata: dict
     raw: dict
+    _tensor_docs: dict = field(repr=False, default_factory=dict)
+    _ref_docs: list = field(repr=False, default_factory=list)
+    _tensors: dict[str, TensorEntry] = field(repr=False, default_factory=dict)
+    _checked_refs: set[int] = field(repr=False, default_factory=set)
     _members: list[list[TensorEntry]] | None = field(default=None, repr=False)
+
+    def tensor(self, name: str) -> TensorEntry:
+        """The validated entry of stored tensor ``name``."""
+        t = self._tensors.get(name)
+        if t is None:
+            if name not in self._tensor_docs:
+                raise CorruptCheckpointError(f"no stored tensor {name!r}")
+            t = self._tensors[name] = _tensor(
+                name, self._tensor_docs[name], len(self.shards), self.checksum
+            )
+        return t
+
+    @property
+    def tensors(self) -> dict[str, TensorEntry]:
+        """Every stored tensor's validated entry."""
+        if len(self._tensors) != len(self._tensor_docs):
+            for name in self._tensor_docs:
+                self.tensor(name)
+        return self._tensors
+
+    def ref(self, index: int) -> dict:
+        """Reference ``index`` of the tree, validated against its stored tensor."""
+        if not 0 <= index < len(self._ref_docs):
+            raise CorruptCheckpointError(
+                f"tree refers to tensor #{index} of {len(self._ref_docs)}"
+            )
+        r = self._ref_docs[index]
+        if index not in self._checked_refs:
+            _ref(r, self)
+            self._checked_refs.add(index)
+        return r
+
+    @property
+    def refs(self) -> list[dict]:
+        """Every reference, validated."""
+        return [self.ref(i) for i in range(len(self._ref_docs))]
+
+    def ref_paths(self) -> list[str]:
+        """Each reference's key path (``#i`` where a writer recorded none)."""
+        paths = []
+        for i, r in enumerate(self._ref_docs):
+            p = r.get("path", f"#{i}") if isinstance(r, dict) else None
+            _require(isinstance(p, str), f"bad key path in reference #{i}")
+            paths.append(p)
+        return paths
+
+    def validate(self) -> None:
+        """Validate every tensor entry and reference now."""
+        for i in range(len(self._ref_docs)):
+            self.ref(i)
+        for name in self._tensor_docs:
+            self.tensor(name)
 
     def shard_members(self, index: int) -> list[TensorEntry]:
         """The tensors of shard ``index`` in file order."""
@@ -79,8 +138,9 @@ def encode(doc: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def read(ckpt_dir: str) -> Manifest:
-    """Read and validate ``ckpt_dir``'s manifest, raising a ``CheckpointError`` subclass."""
+def read(ckpt_dir: str, lazy: bool = False) -> Manifest:
+    """Read and validate ``ckpt_dir``'s manifest, raising a ``CheckpointError`` subclass
+    (``lazy``: leave tensor entries and references to be validated on use)."""
     path = os.path.join(ckpt_dir, MANIFEST_NAME)
     try:
         with open(path, "rb") as f:
@@ -97,17 +157,17 @@ def read(ckpt_dir: str) -> Manifest:
     except NotADirectoryError:
         raise CheckpointNotFoundError(f"{ckpt_dir}: not a checkpoint directory") from None
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
         raise CorruptCheckpointError(f"{path}: manifest is not valid JSON ({e})") from e
     try:
-        return parse(doc)
+        return parse(doc, lazy)
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"{path}: {e}") from e
 
 
-def parse(doc: Any) -> Manifest:
-    """Validate a decoded manifest document."""
+def parse(doc: Any, lazy: bool = False) -> Manifest:
+    """Validate a decoded manifest document (all of it unless ``lazy``)."""
     _require(isinstance(doc, dict), "manifest is not a JSON object")
     _require(doc.get("format") == FORMAT_NAME, "not a fastckpt manifest")
     version = doc.get("format_version")
@@ -124,13 +184,12 @@ def parse(doc: Any) -> Manifest:
     _require(len({s.file for s in shards}) == len(shards), "duplicate shard file names")
     tensors_doc = doc.get("tensors")
     _require(isinstance(tensors_doc, dict), "tensors is not an object")
-    tensors = {n: _tensor(n, t, len(shards), kind) for n, t in tensors_doc.items()}
-    refs = _list(doc, "refs")
-    for r in refs:
-        _ref(r, tensors)
     metadata = unflatten(doc.get("metadata", {"$dict": []}), _no_tensor)
     _require(isinstance(metadata, dict), "metadata is not an object")
-    return Manifest(kind, shards, tensors, refs, doc.get("tree"), metadata, doc)
+    m = Manifest(kind, shards, doc.get("tree"), metadata, doc, tensors_doc, _list(doc, "refs"))
+    if not lazy:
+        m.validate()
+    return m
 
 
 def _no_tensor(index: int, tag: str) -> Any:
@@ -196,13 +255,14 @@ def _tensor(name: str, t: Any, nshards: int, kind: str | None) -> TensorEntry:
     )
 
 
-def _ref(r: Any, tensors: dict[str, TensorEntry]) -> None:
-    _require(isinstance(r, dict) and r.get("tensor") in tensors, f"bad tensor reference {r!r}")
+def _ref(r: Any, m: Manifest) -> None:
+    _require(isinstance(r, dict) and isinstance(r.get("tensor"), str)
+             and r["tensor"] in m._tensor_docs, f"bad tensor reference {r!r}")
+    base = m.tensor(r["tensor"])
     _require(isinstance(r.get("path", ""), str), f"bad key path in {r!r}")
     view = r.get("view")
     if view is None:
         return
-    base = tensors[r["tensor"]]
     _require(isinstance(view, dict), f"bad view {view!r}")
     off, shape, stride = view.get("offset"), view.get("shape"), view.get("stride")
     _require(

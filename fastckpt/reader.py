@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import checksum as ck
+from . import fileio
 from . import manifest as mf
 from .commit import OLD_TAG, _leftovers, is_checkpoint
 from .errors import CheckpointError, CorruptCheckpointError
@@ -27,7 +28,6 @@ from .plan import ST_DTYPES
 from .tree import dtype_from_name, unflatten
 
 MAX_HEADER_BYTES = 100 << 20
-READ_CHUNK = 16 << 20  # bytes per parallel read task: large enough to stream, small to balance
 
 
 def resolve(path: Any) -> str:
@@ -53,6 +53,7 @@ class Shard:
     size: int
     data_start: int
     header: bytes
+    checked: bool = False  # header matched against the whole manifest
     _map: Any = None
 
     def mapping(self) -> mmap_mod.mmap:
@@ -70,8 +71,9 @@ class Shard:
         os.close(self.fd)  # a mapping, if any, lives on as long as tensors view it
 
 
-def open_shard(ckpt: str, m: mf.Manifest, index: int) -> Shard:
-    """Open shard ``index`` and check its header against the manifest."""
+def open_shard(ckpt: str, m: mf.Manifest, index: int, full: bool = True) -> Shard:
+    """Open shard ``index``, check its size and, if ``full``, its header against the
+    manifest (lazy readers check each tensor's bounds as they read it instead)."""
     entry = m.shards[index]
     path = os.path.join(ckpt, entry.file)
     try:
@@ -82,7 +84,11 @@ def open_shard(ckpt: str, m: mf.Manifest, index: int) -> Shard:
         raise CheckpointError(f"{path}: cannot open shard: {e}") from e
     try:
         shard = _read_header(path, fd)
-        _match_header(shard, m, index, entry)
+        if shard.size != entry.size:
+            raise CorruptCheckpointError(f"{path}: size {shard.size} bytes, manifest says "
+                                         f"{entry.size} (truncated or replaced)")
+        if full:
+            match_header(shard, m, index)
         return shard
     except BaseException:
         os.close(fd)
@@ -107,12 +113,9 @@ def _read_header(path: str, fd: int) -> Shard:
     return Shard(path, fd, size, 8 + n, body)
 
 
-def _match_header(shard: Shard, m: mf.Manifest, index: int, entry: mf.ShardEntry) -> None:
+def match_header(shard: Shard, m: mf.Manifest, index: int) -> None:
+    """Check that the shard's own header describes exactly the manifest's tensors."""
     where = shard.path
-    if shard.size != entry.size:
-        raise CorruptCheckpointError(
-            f"{where}: size {shard.size} bytes, manifest says {entry.size} (truncated or replaced)"
-        )
     try:
         header = json.loads(shard.header)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -124,7 +127,6 @@ def _match_header(shard: Shard, m: mf.Manifest, index: int, entry: mf.ShardEntry
     if set(header) != set(expected):
         diff = sorted(set(header) ^ set(expected))[:5]
         raise CorruptCheckpointError(f"{where}: header and manifest disagree on tensors {diff}")
-    data_len = shard.size - shard.data_start
     for name, t in expected.items():
         h = header[name]
         want = {
@@ -136,8 +138,15 @@ def _match_header(shard: Shard, m: mf.Manifest, index: int, entry: mf.ShardEntry
             raise CorruptCheckpointError(
                 f"{where}: header entry of {name!r} disagrees with manifest"
             )
-        if t.stop > data_len:
-            raise CorruptCheckpointError(f"{where}: tensor {name!r} ends past the end of the file")
+        check_bounds(shard, t)
+    shard.checked = True
+
+
+def check_bounds(shard: Shard, t: mf.TensorEntry) -> None:
+    if shard.data_start + t.stop > shard.size:
+        raise CorruptCheckpointError(
+            f"{shard.path}: tensor {t.name!r} ends past the end of the file"
+        )
 
 
 def target_device(map_location: Any, saved: str) -> torch.device:
@@ -156,14 +165,14 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def pread_into(fd: int, offset: int, buf: memoryview, path: str) -> None:
-    """Fill ``buf`` from ``offset``; a short read means the file shrank under us."""
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n <= 0:
-            raise CorruptCheckpointError(f"{path}: truncated at byte {offset + done}")
-        done += n
+def read_range(shard: Shard, offset: int, buf: memoryview, threads: int = 1) -> None:
+    """Fill ``buf`` from ``offset`` of the shard (the native extension when built)."""
+    try:
+        fileio.pread_into(shard.fd, offset, buf, threads)
+    except EOFError as e:
+        raise CorruptCheckpointError(f"{shard.path}: truncated: {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"{shard.path}: read failed: {e}") from e
 
 
 class CheckpointReader:
@@ -178,7 +187,7 @@ class CheckpointReader:
     def __init__(self, path: Any, mmap: bool = True, verify: bool = False,
                  workers: int = 4) -> None:
         self.path = resolve(path)
-        self.manifest = mf.read(self.path)
+        self.manifest = mf.read(self.path, lazy=True)
         if verify and self.manifest.checksum is None:
             raise CheckpointError(f"{self.path}: saved without checksums; cannot verify")
         self.mmap, self.verify, self.workers = mmap, verify, workers
@@ -209,9 +218,8 @@ class CheckpointReader:
         index = self._paths().get(key)
         if index is None:
             raise KeyError(f"{key!r} is not a tensor of {self.path}")
-        ref = self.manifest.refs[index]
-        base = self.stored(ref["tensor"])
-        return _apply_view(base, ref)
+        ref = self.manifest.ref(index)
+        return _apply_view(self.stored(ref["tensor"]), ref)
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -219,28 +227,36 @@ class CheckpointReader:
         except KeyError:
             return default
 
+    def saved_paths(self) -> dict[str, dict]:
+        """Key path -> manifest reference, for every tensor in the saved tree."""
+        return {p: self.manifest.ref(i) for p, i in self._paths().items()}
+
     def _paths(self) -> dict[str, int]:
         if self._by_path is None:
             paths: dict[str, int] = {}
-            for i, r in enumerate(self.manifest.refs):
-                paths.setdefault(r.get("path", f"#{i}"), i)
+            for i, p in enumerate(self.manifest.ref_paths()):
+                paths.setdefault(p, i)
             self._by_path = paths
         return self._by_path
 
     # -- stored tensors ---------------------------------------------------------
 
-    def shard(self, index: int) -> Shard:
+    def shard(self, index: int, full: bool = False) -> Shard:
+        """Shard ``index``, opened once; ``full`` also matches its whole header."""
         with self._lock:
             s = self._shards.get(index)
             if s is None:
-                s = self._shards[index] = open_shard(self.path, self.manifest, index)
+                s = self._shards[index] = open_shard(self.path, self.manifest, index, full)
+            elif full and not s.checked:
+                match_header(s, self.manifest, index)
             return s
 
     def stored(self, name: str) -> torch.Tensor:
         """The stored tensor ``name`` on the CPU (mapped, or read into fresh memory)."""
-        t = self.manifest.tensors[name]
+        t = self.manifest.tensor(name)
         shard = self.shard(t.shard)
-        out = self._view(shard, t) if self.mmap else self._read(shard, t, None)
+        check_bounds(shard, t)
+        out = self._view(shard, t) if self.mmap else self._read(shard, t)
         if self.verify:
             self._check(shard, t, out)
         return out
@@ -254,16 +270,10 @@ class CheckpointReader:
                                 offset=shard.data_start + t.start)
         return flat.view(t.shape)
 
-    def _read(self, shard: Shard, t: mf.TensorEntry, pool: cf.Executor | None) -> torch.Tensor:
+    def _read(self, shard: Shard, t: mf.TensorEntry) -> torch.Tensor:
         out = torch.empty(t.shape, dtype=dtype_from_name(t.dtype))
         buf = tensor_bytes(out)
-        base = shard.data_start + t.start
-        spans = range(0, len(buf), READ_CHUNK)
-        if pool is None or len(spans) <= 1:
-            pread_into(shard.fd, base, buf, shard.path)
-        else:  # one large tensor: read its chunks on all threads
-            list(pool.map(lambda a: pread_into(shard.fd, base + a, buf[a : a + READ_CHUNK],
-                                               shard.path), spans))
+        read_range(shard, shard.data_start + t.start, buf, self.workers)
         return out
 
     def _check(self, shard: Shard, t: mf.TensorEntry, tensor: torch.Tensor) -> str:
@@ -277,21 +287,19 @@ class CheckpointReader:
     def load_stored(self) -> dict[str, torch.Tensor]:
         """Every stored tensor, read or mapped in parallel across shards."""
         m = self.manifest
-        with cf.ThreadPoolExecutor(self.workers) as pool, \
-                cf.ThreadPoolExecutor(self.workers) as chunks:
-            parts = pool.map(lambda i: self._load_shard(i, chunks), range(len(m.shards)))
+        m.validate()
+        with cf.ThreadPoolExecutor(self.workers) as pool:
+            parts = pool.map(self._load_shard, range(len(m.shards)))
             out: dict[str, torch.Tensor] = {}
             for p in parts:
                 out.update(p)
         return out
 
-    def _load_shard(self, index: int, chunks: cf.Executor) -> dict[str, torch.Tensor]:
-        shard = self.shard(index)
+    def _load_shard(self, index: int) -> dict[str, torch.Tensor]:
+        shard = self.shard(index, full=True)
         members = self.manifest.shard_members(index)
-        if self.mmap:
-            out = {t.name: self._view(shard, t) for t in members}
-        else:
-            out = {t.name: self._read(shard, t, chunks) for t in members}
+        load = self._view if self.mmap else self._read
+        out = {t.name: load(shard, t) for t in members}
         if self.verify:
             digests = [self._check(shard, t, out[t.name]) for t in members]
             want = self.manifest.shards[index].checksum
@@ -310,12 +318,9 @@ class CheckpointReader:
         return unflatten(m.tree, self._resolver(stored))
 
     def _resolver(self, stored: dict[str, torch.Tensor]):
-        refs = self.manifest.refs
-
         def tensor(index: int, tag: str) -> Any:
-            if index >= len(refs):
-                raise CorruptCheckpointError(f"tree refers to tensor #{index} of {len(refs)}")
-            t = _apply_view(stored[refs[index]["tensor"]], refs[index])
+            ref = self.manifest.ref(index)
+            t = _apply_view(stored[ref["tensor"]], ref)
             return t.cpu().numpy() if tag == "$ndarray" else t
 
         return tensor
@@ -353,25 +358,31 @@ _BOUNCE = 64 << 20
 
 def _h2d(src: torch.Tensor, device: torch.device) -> torch.Tensor:
     out = torch.empty(src.shape, dtype=src.dtype, device=device)
-    src_b = src.reshape(-1).view(torch.uint8)
-    dst_b = out.reshape(-1).view(torch.uint8)
-    stream = torch.cuda.Stream(device)
-    bufs = [torch.empty(min(_BOUNCE, src_b.numel()), dtype=torch.uint8, pin_memory=True)
-            for _ in range(2)]
+    h2d_into(src, out)
+    return out
+
+
+def h2d_into(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy CPU ``src`` into CUDA ``dst`` (same dtype and shape) through two pinned
+    bounce buffers: filling one (which takes the mapping's page faults) overlaps the
+    device copy out of the other."""
+    src_b = src.contiguous().reshape(-1).view(torch.uint8)
+    dst_b = dst.view(-1).view(torch.uint8)  # dst is freshly allocated or a live tensor
+    stream = torch.cuda.Stream(dst.device)
+    stream.wait_stream(torch.cuda.current_stream(dst.device))
+    n = src_b.numel()
+    bufs = [torch.empty(min(_BOUNCE, n), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
     events: list[Any] = [None, None]
-    for k, a in enumerate(range(0, src_b.numel(), _BOUNCE)):
-        b = min(a + _BOUNCE, src_b.numel())
-        i = k % 2
+    for k, a in enumerate(range(0, n, _BOUNCE)):
+        b, i = min(a + _BOUNCE, n), k % 2
         if events[i] is not None:
             events[i].synchronize()  # the copy that used this buffer has finished
-        bufs[i][: b - a].copy_(src_b[a:b])  # page faults of the mapping happen here
+        bufs[i][: b - a].copy_(src_b[a:b])
         with torch.cuda.stream(stream):
             dst_b[a:b].copy_(bufs[i][: b - a], non_blocking=True)
             events[i] = torch.cuda.Event()
             events[i].record(stream)
     stream.synchronize()
-    out.record_stream(torch.cuda.current_stream(device))
-    return out
 
 
 def load(path: Any, map_location: Any = "cpu", mmap: bool = True, verify: bool = False,

@@ -83,7 +83,8 @@ class _Flattener:
         if isinstance(v, np.generic):  # before float: np.float64 subclasses float
             return {"$npscalar": [v.dtype.str, _b64(v.tobytes())]}
         if isinstance(v, int):
-            return int(v)
+            # Beyond 64 bits JSON parsers disagree (many turn them into floats): tag them.
+            return int(v) if -(2**63) <= v < 2**63 else {"$int": str(int(v))}
         if isinstance(v, float):
             return v if math.isfinite(v) else {"$float": repr(v)}
         if isinstance(v, torch.Tensor):
@@ -175,6 +176,7 @@ _DECODERS: dict[str, Callable[[Any, Callable], Any]] = {
     "$odict": lambda p, t: OrderedDict(_pairs(p, t)),
     "$tuple": lambda p, t: tuple(unflatten(x, t) for x in p),
     "$float": lambda p, t: float(p) if p in ("nan", "inf", "-inf") else _bad_float(p),
+    "$int": lambda p, t: int(p) if isinstance(p, str) and len(p) <= 4000 else _bad_int(p),
     "$size": lambda p, t: torch.Size([int(x) for x in p]),
     "$bytes": lambda p, t: base64.b64decode(p, validate=True),
     "$dtype": lambda p, t: dtype_from_name(p),
@@ -187,6 +189,10 @@ _DECODERS: dict[str, Callable[[Any, Callable], Any]] = {
 
 def _bad_float(p: Any) -> float:
     raise ValueError(f"non-finite float expected, got {p!r}")
+
+
+def _bad_int(p: Any) -> int:
+    raise ValueError(f"big integer expected as a decimal string, got {p!r:.40}")
 
 
 def _index(p: Any) -> int:
