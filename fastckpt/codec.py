@@ -85,11 +85,11 @@ def encode_chunk(
     data = _byte_view(data)
     split = itemsize if is_float and itemsize in _UINT and len(data) % itemsize == 0 else 1
     if split == 1:
-        parts = [_compress_group(data, _compressor(level, grouped=False))]
+        parts = [_compress_group(data, _compressor(level, long_matches=False))]
     else:
         *low, top = _split_groups(data, split)
         parts = [_compress_group(g, _low_group_compressor(g, level)) for g in low]
-        parts.append(_compress_group(top, _compressor(level, grouped=True)))
+        parts.append(_compress_group(top, _compressor(level, long_matches=True)))
         if all(mode == "raw" for mode, _ in parts):
             # Nothing shrank: store the bytes as they are rather than shuffled.
             parts, split = [("raw", data)], 1
@@ -196,28 +196,32 @@ def _raw_chunk(data: memoryview) -> tuple[memoryview, dict]:
     return data, {"raw": n, "enc": n, "split": 1, "groups": [["raw", n]]}
 
 
-def _compressor(level: int, grouped: bool) -> zstandard.ZstdCompressor:
-    """This thread's compressor for ``level`` (zstd contexts are not thread-safe)."""
+def _compressor(level: int, long_matches: bool) -> zstandard.ZstdCompressor:
+    """This thread's compressor (zstd contexts are not thread-safe).
+
+    ``long_matches`` applies ``_TOP_GROUP_OVERRIDES``, the setting for skewed bytes.
+    """
     cache = _local.__dict__.setdefault("compressors", {})
-    cctx = cache.get((level, grouped))
+    cctx = cache.get((level, long_matches))
     if cctx is None:
         # Frame checksums let the decoder catch corruption inside compressed groups
         # for ~3 % of the time; content sizes let it check lengths before decoding.
-        extra = _TOP_GROUP_OVERRIDES if grouped else {}
+        extra = _TOP_GROUP_OVERRIDES if long_matches else {}
         params = zstandard.ZstdCompressionParameters.from_level(
             level, write_checksum=True, write_content_size=True, **extra
         )
-        cctx = cache[(level, grouped)] = zstandard.ZstdCompressor(compression_params=params)
+        cctx = zstandard.ZstdCompressor(compression_params=params)
+        cache[(level, long_matches)] = cctx
     return cctx
 
 
 def _low_group_compressor(group: np.ndarray, level: int) -> zstandard.ZstdCompressor:
     """The Huffman-capable compressor if a sample of ``group`` shrinks, else fast LZ."""
-    full = _compressor(level, grouped=True)
+    full = _compressor(level, long_matches=True)
     sample = group[:_PROBE_BYTES]
     if len(full.compress(sample)) < _PROBE_RATIO * len(sample):
         return full
-    return _compressor(_LOW_GROUP_LEVEL, grouped=False)
+    return _compressor(_LOW_GROUP_LEVEL, long_matches=False)
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:

@@ -213,7 +213,7 @@ def test_lying_chunk_table_rejected_without_big_allocation(lie):
 
 def test_frame_claiming_more_than_chunk_rejected_before_decompressing():
     # A valid frame of 64 MiB of zeros stands in for the group: a decompression bomb.
-    bomb = codec._compressor(1, grouped=False).compress(bytes(64 << 20))
+    bomb = codec._compressor(1, long_matches=False).compress(bytes(64 << 20))
     chunk = {"raw": 4096, "enc": len(bomb), "split": 1, "groups": [["zstd", len(bomb)]]}
     tracemalloc.start()
     try:
@@ -227,7 +227,7 @@ def test_frame_claiming_more_than_chunk_rejected_before_decompressing():
 
 def test_trailing_bytes_after_frame_rejected():
     raw = bytes(100_000)
-    frame = codec._compressor(1, grouped=False).compress(raw) + b"xx"
+    frame = codec._compressor(1, long_matches=False).compress(raw) + b"xx"
     chunk = {"raw": len(raw), "enc": len(frame), "split": 1, "groups": [["zstd", len(frame)]]}
     with pytest.raises(CorruptCheckpointError):
         codec.decode_chunk(memoryview(frame), chunk, memoryview(bytearray(len(raw))))
