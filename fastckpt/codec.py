@@ -299,7 +299,11 @@ def _decompress(frame: memoryview, size: int, key: str) -> bytes:
     # Checked before decompressing: the header could otherwise make zstd allocate
     # whatever size it claims.
     if params.content_size != size or params.window_size > MAX_CHUNK_BYTES:
-        raise _corrupt(key, f"zstd frame claims {params.content_size} bytes, expected {size}")
+        raise _corrupt(
+            key,
+            f"zstd frame claims {params.content_size} bytes in a {params.window_size}-byte "
+            f"window, expected {size}",
+        )
     try:
         data = _decompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
