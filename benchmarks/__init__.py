@@ -1,0 +1,1 @@
+"""Benchmarks for fastckpt (run each as ``python -m benchmarks.NAME``)."""
