@@ -17,14 +17,14 @@ from typing import Any, Union
 import psutil
 import torch
 
-from . import __version__, commit, reader
+from . import __version__, codec, commit, reader
 from . import manifest as mf
 from .checksum import check_kind
 from .errors import CheckpointError, CheckpointWriteError
 from .plan import Plan, make_plan, manifest_tensor
 from .staging import Stager, StagingPool
 from .tree import flatten
-from .writer import DaemonPool, ShardResult, write_shard
+from .writer import Compression, DaemonPool, ShardResult, write_shard
 
 PathLike = Union[str, "os.PathLike[str]"]
 _UNSET: Any = object()
@@ -97,6 +97,9 @@ class Checkpointer:
             larger than this is staged in pieces (default: min(8 GiB, RAM / 4)).
         max_inflight: saves allowed in flight; the next ``save()`` waits for the oldest.
         pin_memory: pin staging buffers (default: when CUDA is available).
+        compression: ``None`` (default) or ``"zstd"``: byte-grouped, chunked zstd of
+            every tensor of at least 64 KiB, done by the background threads.
+        compression_level: zstd level (default 1, the fastest that compresses best).
 
     Use as a context manager, or call :meth:`close` to wait for in-flight saves.
     """
@@ -110,18 +113,27 @@ class Checkpointer:
         staging_budget: int | None = None,
         max_inflight: int = 2,
         pin_memory: bool | None = None,
+        compression: str | None = None,
+        compression_level: int | None = None,
     ) -> None:
         if shard_size <= 0 or max_inflight < 1:
             raise ValueError("shard_size must be > 0 and max_inflight >= 1")
         self.workers = workers or min(8, max(4, os.cpu_count() or 4))
         self.shard_size = shard_size
         self.checksum = check_kind(checksum)
+        if compression is None and compression_level is not None:
+            raise ValueError("compression_level given without compression")
+        _check_compression(compression, compression_level)
+        self.compression, self.compression_level = compression, compression_level
         self.max_inflight = max_inflight
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._pool = StagingPool(staging_budget or _default_budget(), pin)
         self._stager = Stager(self._pool)
         self._writers = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="fastckpt-write")
         self._hashers = DaemonPool(self.workers, "fastckpt-hash")
+        # Codec chunks run on their own threads: the writer that waits for them must
+        # not be holding the only worker that could run them.
+        self._encoders = DaemonPool(self.workers, "fastckpt-encode")
         # One committer thread: saves commit in the order they were made.
         self._committer = cf.ThreadPoolExecutor(1, thread_name_prefix="fastckpt-commit")
         self._slots = threading.BoundedSemaphore(max_inflight)
@@ -139,6 +151,8 @@ class Checkpointer:
         metadata: Mapping[str, Any] | None = None,
         checksum: str | None = _UNSET,
         shard_size: int | None = None,
+        compression: str | None = _UNSET,
+        compression_level: int | None = None,
     ) -> SaveHandle:
         """Snapshot ``obj`` and write it to ``path`` in the background.
 
@@ -150,17 +164,23 @@ class Checkpointer:
         t0 = time.perf_counter()
         path = os.path.abspath(os.fspath(path))
         kind = self.checksum if checksum is _UNSET else check_kind(checksum)
+        level = _check_compression(
+            self.compression if compression is _UNSET else compression,
+            self.compression_level if compression_level is None else compression_level,
+        )
         with self._lock:
             self._check_open()
             self._raise_unreported()
-            plan = make_plan(flatten(obj), shard_size or self.shard_size)
+            plan = make_plan(flatten(obj), shard_size or self.shard_size,
+                             None if level is None else codec.MIN_COMPRESS_BYTES)
             meta_tree = flatten(dict(metadata or {}))
             if meta_tree.tensors:
                 raise CheckpointError("metadata must not contain tensors")
             commit.check_replaceable(path)
             self._slots.acquire()
             try:
-                tmp, futures = self._stage(plan, path, kind)
+                opts = None if level is None else Compression(level, self._encoders)
+                tmp, futures = self._stage(plan, path, kind, opts)
             except BaseException:
                 self._slots.release()
                 raise
@@ -173,7 +193,8 @@ class Checkpointer:
             self._handles.append(handle)
             return handle
 
-    def _stage(self, plan: Plan, path: str, kind: str | None) -> tuple[str, list]:
+    def _stage(self, plan: Plan, path: str, kind: str | None,
+               opts: Compression | None) -> tuple[str, list]:
         commit.recover(path)
         tmp = commit.sibling(path, commit.TMP_TAG)
         try:
@@ -193,7 +214,7 @@ class Checkpointer:
                 queues.append(q)
                 futures.append(
                     self._writers.submit(
-                        write_shard, shard, tmp, q, self._pool, kind, self._hashers
+                        write_shard, shard, tmp, q, self._pool, kind, self._hashers, opts
                     )
                 )
                 held.append([])
@@ -271,6 +292,7 @@ class Checkpointer:
         self._committer.shutdown(wait=True)
         self._writers.shutdown(wait=True)
         self._hashers.shutdown()
+        self._encoders.shutdown()
         self._pool.clear()
 
     def __enter__(self) -> Checkpointer:
@@ -281,9 +303,9 @@ class Checkpointer:
 
 
 def _manifest(plan: Plan, results: list[ShardResult], kind: str | None, meta_tree: Any) -> dict:
-    digests: dict[str, str | None] = {}
+    written: dict[str, dict] = {}
     for r in results:
-        digests.update(r.tensor_checksums)
+        written.update(r.tensors)
     return {
         "format": mf.FORMAT_NAME,
         "format_version": mf.FORMAT_VERSION,
@@ -291,8 +313,17 @@ def _manifest(plan: Plan, results: list[ShardResult], kind: str | None, meta_tre
         "library": {"fastckpt": __version__, "torch": torch.__version__},
         "checksum": kind,
         "shards": [{"file": r.file, "size": r.size, "checksum": r.checksum} for r in results],
-        "tensors": {s.name: manifest_tensor(s, digests[s.name]) for s in plan.stored},
+        "tensors": {s.name: manifest_tensor(s, written[s.name]) for s in plan.stored},
         "refs": plan.refs,
         "tree": plan.flat.tree,
         "metadata": meta_tree,
     }
+
+
+def _check_compression(name: str | None, level: int | None) -> int | None:
+    """The zstd level to use, or None for no compression."""
+    if name is None:
+        return None
+    if name not in codec.CODECS:
+        raise ValueError(f"unknown compression {name!r}; choose one of {codec.CODECS} or None")
+    return codec.DEFAULT_LEVEL if level is None else level

@@ -34,6 +34,7 @@ CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 64 << 20
 
 MODES = ("zstd", "raw")
+_MAX_EXPANSION = 1 << 15
 _LEVEL_RANGE = (-(1 << 17), 22)
 _CHUNK_KEYS = frozenset(("raw", "enc", "split", "groups"))
 _TENSOR_KEYS = frozenset(("codec", "level", "chunks"))
@@ -169,10 +170,28 @@ def decode_into(
             f"have {len(payload)} -> {len(out)}",
         )
     jobs, src, dst = [], 0, 0
-    for chunk, (raw, enc, _, _) in zip(chunks, fields):
+    for chunk, (raw, enc, _, _) in zip(chunks, fields, strict=True):
         jobs.append((payload[src : src + enc], chunk, out[dst : dst + raw], key))
         src, dst = src + enc, dst + raw
     _run(decode_chunk, jobs, executor)
+
+
+def decoded_size(meta: Any, payload_len: int, key: str = "") -> int:
+    """Validate a tensor's whole chunk table against its payload length and return
+    the number of bytes it decodes to, without decoding (or allocating) anything.
+
+    No valid zstd frame expands more than ``_MAX_EXPANSION`` times (a 128 KiB
+    run-length block takes 4 bytes), so a table claiming more is a lie: a reader
+    can size its output from this number without trusting the file further.
+    """
+    fields = [_chunk_fields(c, key) for c in _tensor_chunks(meta, key)]
+    enc_total = sum(f[1] for f in fields)
+    if enc_total != payload_len:
+        raise _corrupt(key, f"chunk table holds {enc_total} bytes, payload has {payload_len}")
+    for raw, enc, _, _ in fields:
+        if raw > _MAX_EXPANSION * enc:
+            raise _corrupt(key, f"chunk claims {raw} bytes from {enc}: impossible for zstd")
+    return sum(f[0] for f in fields)
 
 
 def _run(fn, jobs: list[tuple], executor) -> list:

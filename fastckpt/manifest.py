@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from . import codec
 from .checksum import KINDS
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
 from .tree import dtype_from_name, unflatten
@@ -39,6 +40,20 @@ class TensorEntry:
     stop: int
     checksum: str | None
     device: str = "cpu"
+    codec: dict | None = None  # chunk table of a compressed tensor (its bytes: a payload)
+    raw_checksum: str | None = None  # digest of a compressed tensor's decoded bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor itself (decoded)."""
+        n = self.dtype_obj.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def dtype_obj(self):
+        return dtype_from_name(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -129,7 +144,12 @@ class Manifest:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data stored (each stored tensor once)."""
+        """Bytes of tensor data (each stored tensor once, decoded)."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of tensor data on disk (compressed tensors count their payload)."""
         return sum(t.stop - t.start for t in self.tensors.values())
 
 
@@ -243,16 +263,20 @@ def _tensor(name: str, t: Any, nshards: int, kind: str | None) -> TensorEntry:
     numel = 1
     for d in shape:
         numel *= d
-    _require(
-        numel * dt.itemsize == off[1] - off[0],
-        f"tensor {name!r}: {off[1] - off[0]} bytes cannot hold {dtype}{shape}",
-    )
+    meta = t.get("codec")
+    # A compressed tensor's chunk table must decode to exactly the tensor's bytes;
+    # a plain one's offsets must span them.
+    held = off[1] - off[0] if meta is None else codec.decoded_size(meta, off[1] - off[0], name)
+    _require(numel * dt.itemsize == held,
+             f"tensor {name!r}: {held} bytes cannot hold {dtype}{shape}")
     _require(_digest_ok(t.get("checksum"), kind), f"tensor {name!r}: bad checksum field")
+    raw_digest = t.get("raw_checksum")
+    raw_ok = raw_digest is None if meta is None else _digest_ok(raw_digest, kind)
+    _require(raw_ok, f"tensor {name!r}: bad raw_checksum field")
     device = t.get("device", "cpu")
     _require(isinstance(device, str), f"tensor {name!r}: bad device")
-    return TensorEntry(
-        name, shard, dtype, tuple(shape), off[0], off[1], t.get("checksum"), device
-    )
+    return TensorEntry(name, shard, dtype, tuple(shape), off[0], off[1], t.get("checksum"),
+                       device, meta, raw_digest)
 
 
 def _ref(r: Any, m: Manifest) -> None:

@@ -33,7 +33,8 @@ class Stored:
     name: str
     source: torch.Tensor
     shard: int = -1
-    start: int = 0  # byte offset inside the shard's data section
+    start: int = 0  # byte offset inside the shard's data section, as staged
+    compress: bool = False  # encoded by the codec on its way to disk
 
     @property
     def nbytes(self) -> int:
@@ -49,7 +50,19 @@ class ShardPlan:
     index: int
     file: str
     stored: list[Stored] = field(default_factory=list)
-    header: bytes = b""  # length prefix + JSON header, as written
+    # Length prefix + JSON header as written; for a shard with compressed tensors, a
+    # placeholder as long as the largest header it can need (the real one, padded to
+    # this length, is written last once the compressed sizes are known).
+    header: bytes = b""
+
+    @property
+    def compressed(self) -> bool:
+        return any(s.compress for s in self.stored)
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes of the uncompressed tensors, which lie first in the data section."""
+        return sum(s.nbytes for s in self.stored if not s.compress)
 
     @property
     def data_bytes(self) -> int:
@@ -72,9 +85,13 @@ class Plan:
         return sum(s.nbytes for s in self.stored)
 
 
-def make_plan(flat: Flat, shard_size: int) -> Plan:
-    """Dedupe shared storage, then pack stored tensors into shards of ~``shard_size``."""
+def make_plan(flat: Flat, shard_size: int, compress_min: int | None = None) -> Plan:
+    """Dedupe shared storage, then pack stored tensors into shards of ~``shard_size``;
+    with ``compress_min``, tensors of at least that many bytes are to be compressed."""
     stored, refs = _dedupe(flat)
+    if compress_min is not None:
+        for s in stored:
+            s.compress = s.nbytes >= compress_min
     shards = _assign_shards(stored, shard_size)
     return Plan(flat, stored, refs, shards)
 
@@ -180,36 +197,56 @@ def shard_file_name(k: int, n: int) -> str:
 def _layout_shard(shard: ShardPlan, members: list[Stored]) -> None:
     # safetensors allows no holes between tensors, so alignment comes from the order:
     # widest elements first keeps every tensor aligned to its own element size, which
-    # lets loads map them zero-copy.
-    members = sorted(members, key=lambda s: -s.source.element_size())
+    # lets loads map them zero-copy. Compressed payloads (bytes) go after all of those.
+    members = sorted(members, key=lambda s: (s.compress, -s.source.element_size()))
     offset = 0
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "fastckpt"}}
     for s in members:
         s.shard, s.start = shard.index, offset
         offset += s.nbytes
-        header[s.name] = {
-            "dtype": ST_DTYPES[s.source.dtype],
-            "shape": list(s.source.shape),
-            "data_offsets": [s.start, s.stop],
-        }
     shard.stored = members
-    shard.header = encode_header(header)
+    # A payload is never larger than its tensor, so no offset or length exceeds the raw
+    # size: a header with that size everywhere is at least as long as the real one.
+    bound = max(offset, 1)
+    shard.header = shard_header(members, {s.name: (bound, 2 * bound) for s in members
+                                          if s.compress})
 
 
-def encode_header(header: dict) -> bytes:
-    """Length-prefixed safetensors header, space-padded so the data starts 8-aligned."""
+def shard_header(members: list[Stored], payloads: dict[str, tuple[int, int]],
+                 pad_to: int = 0) -> bytes:
+    """The shard's safetensors header; ``payloads`` gives the on-disk ``[start, stop)``
+    of each compressed tensor (stored as ``U8`` bytes)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "fastckpt"}}
+    for s in members:
+        if s.compress:
+            a, b = payloads[s.name]
+            header[s.name] = {"dtype": "U8", "shape": [b - a], "data_offsets": [a, b]}
+        else:
+            header[s.name] = {"dtype": ST_DTYPES[s.source.dtype], "shape": list(s.source.shape),
+                              "data_offsets": [s.start, s.stop]}
+    return encode_header(header, pad_to)
+
+
+def encode_header(header: dict, pad_to: int = 0) -> bytes:
+    """Length-prefixed safetensors header, space-padded so the data starts 8-aligned
+    (and, with ``pad_to``, to exactly that many bytes in all)."""
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
     body += b" " * (-len(body) % 8)
+    if pad_to:
+        if 8 + len(body) > pad_to:
+            raise ValueError(f"header of {8 + len(body)} bytes exceeds its {pad_to}-byte slot")
+        body += b" " * (pad_to - 8 - len(body))
     return len(body).to_bytes(8, "little") + body
 
 
-def manifest_tensor(s: Stored, checksum: Any) -> dict:
-    """The manifest entry for a stored tensor."""
-    return {
+def manifest_tensor(s: Stored, written: dict) -> dict:
+    """The manifest entry for a stored tensor; ``written`` holds what the writer
+    learned (checksums; for compressed tensors their offsets and chunk table)."""
+    entry = {
         "shard": s.shard,
         "dtype": dtype_name(s.source.dtype),
         "shape": list(s.source.shape),
         "offsets": [s.start, s.stop],
-        "checksum": checksum,
         "device": str(s.source.device),
     }
+    entry.update(written)
+    return entry

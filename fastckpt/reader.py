@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from . import checksum as ck
-from . import fileio
+from . import codec, fileio
 from . import manifest as mf
 from .commit import OLD_TAG, _leftovers, is_checkpoint
 from .errors import CheckpointError, CorruptCheckpointError
 from .plan import ST_DTYPES
-from .tree import dtype_from_name, unflatten
+from .tree import unflatten
 
 MAX_HEADER_BYTES = 100 << 20
 
@@ -130,8 +130,8 @@ def match_header(shard: Shard, m: mf.Manifest, index: int) -> None:
     for name, t in expected.items():
         h = header[name]
         want = {
-            "dtype": ST_DTYPES[dtype_from_name(t.dtype)],
-            "shape": list(t.shape),
+            "dtype": "U8" if t.codec is not None else ST_DTYPES[t.dtype_obj],
+            "shape": [t.stop - t.start] if t.codec is not None else list(t.shape),
             "data_offsets": [t.start, t.stop],
         }
         if not isinstance(h, dict) or {k: h.get(k) for k in want} != want:
@@ -194,6 +194,7 @@ class CheckpointReader:
         self._shards: dict[int, Shard] = {}
         self._lock = threading.Lock()
         self._by_path: dict[str, int] | None = None
+        self._decode_pool: cf.Executor | None = None
 
     # -- mapping interface ----------------------------------------------------
 
@@ -252,17 +253,33 @@ class CheckpointReader:
             return s
 
     def stored(self, name: str) -> torch.Tensor:
-        """The stored tensor ``name`` on the CPU (mapped, or read into fresh memory)."""
+        """The stored tensor ``name`` on the CPU: mapped or read into fresh memory;
+        decoded (and its decoded bytes checked) if it was compressed."""
         t = self.manifest.tensor(name)
-        shard = self.shard(t.shard)
+        return self._materialize(self.shard(t.shard), t)[0]
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read stored tensor ``name`` straight into ``out`` (contiguous, on the CPU,
+        of its dtype and shape), never holding a second copy of it."""
+        t = self.manifest.tensor(name)
+        self._materialize(self.shard(t.shard), t, out)
+
+    def _materialize(self, shard: Shard, t: mf.TensorEntry, out: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, str | None]:
+        """The tensor and, when verifying, the digest of its bytes on disk."""
         check_bounds(shard, t)
-        out = self._view(shard, t) if self.mmap else self._read(shard, t)
-        if self.verify:
-            self._check(shard, t, out)
-        return out
+        if t.codec is not None:
+            return self._decode(shard, t, out)
+        if out is None and self.mmap:
+            out = self._view(shard, t)
+        else:
+            out = torch.empty(t.shape, dtype=t.dtype_obj) if out is None else out
+            read_range(shard, shard.data_start + t.start, tensor_bytes(out), self.workers)
+        disk = self._digest(shard, t, tensor_bytes(out), t.checksum) if self.verify else None
+        return out, disk
 
     def _view(self, shard: Shard, t: mf.TensorEntry) -> torch.Tensor:
-        dtype = dtype_from_name(t.dtype)
+        dtype = t.dtype_obj
         count = (t.stop - t.start) // dtype.itemsize
         if count == 0:
             return torch.empty(t.shape, dtype=dtype)
@@ -270,17 +287,37 @@ class CheckpointReader:
                                 offset=shard.data_start + t.start)
         return flat.view(t.shape)
 
-    def _read(self, shard: Shard, t: mf.TensorEntry) -> torch.Tensor:
-        out = torch.empty(t.shape, dtype=dtype_from_name(t.dtype))
-        buf = tensor_bytes(out)
-        read_range(shard, shard.data_start + t.start, buf, self.workers)
-        return out
+    def _decode(self, shard: Shard, t: mf.TensorEntry, out: torch.Tensor | None
+                ) -> tuple[torch.Tensor, str | None]:
+        a, b = shard.data_start + t.start, shard.data_start + t.stop
+        if self.mmap and out is None:
+            payload = memoryview(shard.mapping())[a:b]
+        else:  # a bounded, per-tensor buffer: no mapping of the whole shard stays in RSS
+            payload = memoryview(bytearray(b - a))
+            read_range(shard, a, payload)
+        disk = self._digest(shard, t, payload, t.checksum) if self.verify else None
+        out = torch.empty(t.shape, dtype=t.dtype_obj) if out is None else out
+        codec.decode_into(payload, t.codec, tensor_bytes(out), key=t.name,
+                          executor=self._decoders())
+        if self.manifest.checksum is not None:  # a codec bug must not hand back wrong values
+            self._digest(shard, t, tensor_bytes(out), t.raw_checksum, "decoded ")
+        return out, disk
 
-    def _check(self, shard: Shard, t: mf.TensorEntry, tensor: torch.Tensor) -> str:
-        got = ck.digest(self.manifest.checksum, tensor_bytes(tensor.contiguous()))
-        if got != t.checksum:
-            raise CorruptCheckpointError(f"{shard.path}: checksum mismatch in tensor {t.name!r}")
+    def _digest(self, shard: Shard, t: mf.TensorEntry, data: memoryview, want: str | None,
+                what: str = "") -> str:
+        got = ck.digest(self.manifest.checksum, data)
+        if got != want:
+            raise CorruptCheckpointError(
+                f"{shard.path}: {what}checksum mismatch in tensor {t.name!r}"
+            )
         return got
+
+    def _decoders(self) -> cf.Executor:
+        with self._lock:
+            if self._decode_pool is None:
+                self._decode_pool = cf.ThreadPoolExecutor(self.workers,
+                                                          thread_name_prefix="fastckpt-decode")
+            return self._decode_pool
 
     # -- whole checkpoint -------------------------------------------------------
 
@@ -298,10 +335,10 @@ class CheckpointReader:
     def _load_shard(self, index: int) -> dict[str, torch.Tensor]:
         shard = self.shard(index, full=True)
         members = self.manifest.shard_members(index)
-        load = self._view if self.mmap else self._read
-        out = {t.name: load(shard, t) for t in members}
+        done = [self._materialize(shard, t) for t in members]
+        out = {t.name: tensor for t, (tensor, _) in zip(members, done, strict=True)}
         if self.verify:
-            digests = [self._check(shard, t, out[t.name]) for t in members]
+            digests = [disk for _, disk in done]
             want = self.manifest.shards[index].checksum
             if ck.shard_digest(self.manifest.checksum, shard.raw_header, digests) != want:
                 raise CorruptCheckpointError(f"{shard.path}: shard checksum mismatch (header)")
@@ -330,6 +367,9 @@ class CheckpointReader:
             for s in self._shards.values():
                 s.close()
             self._shards.clear()
+            if self._decode_pool is not None:
+                self._decode_pool.shutdown()
+                self._decode_pool = None
 
     def __enter__(self) -> CheckpointReader:
         return self

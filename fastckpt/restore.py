@@ -16,7 +16,7 @@ import torch
 
 from . import manifest as mf
 from .errors import CheckpointError
-from .reader import CheckpointReader, check_bounds, h2d_into, read_range, tensor_bytes
+from .reader import CheckpointReader, h2d_into
 from .tree import dtype_from_name, flatten, unflatten
 
 
@@ -124,13 +124,8 @@ def _fill(reader: CheckpointReader, plan: list, workers: int) -> None:
 
 
 def _fill_one(reader: CheckpointReader, path: str, ref: dict, dst: torch.Tensor) -> None:
-    direct = (ref.get("view") is None and dst.device.type == "cpu" and dst.is_contiguous()
-              and not reader.verify)
-    if direct:  # straight from the file into the live tensor
-        entry = reader.manifest.tensor(ref["tensor"])
-        shard = reader.shard(entry.shard)
-        check_bounds(shard, entry)
-        read_range(shard, shard.data_start + entry.start, tensor_bytes(dst))
+    if ref.get("view") is None and dst.device.type == "cpu" and dst.is_contiguous():
+        reader.read_into(ref["tensor"], dst)  # straight from the file into the live tensor
     elif dst.device.type == "cuda" and dst.is_contiguous():
         h2d_into(reader[path], dst)
     else:

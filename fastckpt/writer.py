@@ -14,17 +14,29 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from . import checksum as ck
+from . import codec
 from .errors import CheckpointWriteError
-from .plan import ShardPlan
+from .plan import ShardPlan, Stored, shard_header
 from .staging import Block, StagingPool
 
 
 @dataclass
 class ShardResult:
+    """A written shard: its size and checksum, and per tensor the manifest fields the
+    writer learned (checksums; offsets and chunk tables of compressed tensors)."""
+
     file: str
     size: int
     checksum: str | None
-    tensor_checksums: dict[str, str | None] = field(default_factory=dict)
+    tensors: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Compression:
+    """How a shard's compressed tensors are encoded."""
+
+    level: int
+    executor: DaemonPool
 
 
 class DaemonPool:
@@ -69,8 +81,17 @@ def write_all(fd: int, data) -> None:
         mv = mv[n:]
 
 
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """``os.pwrite`` until every byte is written."""
+    mv = memoryview(data).cast("B")
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
+
+
 class _Digests:
-    """Streaming per-tensor digests over the pieces of each block."""
+    """Streaming per-tensor digests over the pieces of each block (the bytes as
+    staged, i.e. before any compression)."""
 
     def __init__(self, kind: str | None) -> None:
         self.kind = kind
@@ -88,12 +109,46 @@ class _Digests:
             if b == s.nbytes:
                 self.done[s.name] = self.open.pop(s.name).hexdigest()
 
-    def result(self, shard: ShardPlan) -> tuple[dict[str, str | None], str | None]:
+    def get(self, name: str) -> str | None:
         if self.kind is None:
-            return {s.name: None for s in shard.stored}, None
-        empty = ck.digest(self.kind, b"")
-        digests = {s.name: self.done.get(s.name, empty) for s in shard.stored}
-        return digests, ck.shard_digest(self.kind, shard.header, list(digests.values()))
+            return None
+        return self.done.get(name) or ck.digest(self.kind, b"")  # empty tensors
+
+
+class _Encoder:
+    """Encodes the compressed tensors' pieces and appends their payloads after the
+    shard's uncompressed tensors, tracking each payload's offsets, chunk table and
+    on-disk digest."""
+
+    def __init__(self, shard: ShardPlan, kind: str | None, opts: Compression) -> None:
+        self.kind, self.opts = kind, opts
+        self.cursor = shard.raw_bytes  # relative to the data section
+        self.spans: dict[str, list[int]] = {}
+        self.chunks: dict[str, list] = {}
+        self.hashers: dict[str, ck.Hasher] = {}
+
+    def write(self, fd: int, data_start: int, s: Stored, piece: memoryview) -> None:
+        if s.name not in self.spans:
+            self.spans[s.name] = [self.cursor, self.cursor]
+            self.chunks[s.name] = []
+            if self.kind is not None:
+                self.hashers[s.name] = ck.new_hasher(self.kind)
+        dt = s.source.dtype
+        parts, meta = codec.encode(piece, dt.itemsize, dt.is_floating_point, self.opts.level,
+                                   self.opts.executor)
+        self.chunks[s.name].extend(meta["chunks"])
+        for part in parts:
+            if self.kind is not None:
+                self.hashers[s.name].update(part)
+            pwrite_all(fd, part, data_start + self.cursor)
+            self.cursor += len(part)
+        self.spans[s.name][1] = self.cursor
+
+    def entry(self, name: str, raw_digest: str | None) -> dict:
+        h = self.hashers.get(name)
+        return {"offsets": self.spans[name], "checksum": h.hexdigest() if h else None,
+                "raw_checksum": raw_digest,
+                "codec": {"codec": "zstd", "level": self.opts.level, "chunks": self.chunks[name]}}
 
 
 def write_shard(
@@ -103,18 +158,22 @@ def write_shard(
     pool: StagingPool,
     checksum: str | None,
     hashers: DaemonPool,
+    compression: Compression | None = None,
 ) -> ShardResult:
     """Write ``shard`` into ``directory`` from the blocks arriving on ``blocks``
-    (``None`` ends the stream), hashing each block on ``hashers``.
+    (``None`` ends the stream), hashing each block on ``hashers`` and encoding the
+    tensors the plan marked for compression.
 
     Raises :class:`CheckpointWriteError` naming the file."""
     path = os.path.join(directory, shard.file)
     digests = _Digests(checksum)
+    encoder = _Encoder(shard, checksum, compression) if shard.compressed else None
     error: BaseException | None = None
     fd = -1
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        write_all(fd, shard.header)
+        if encoder is None:
+            write_all(fd, shard.header)
     except OSError as e:
         error = e
     for block in iter(blocks.get, None):
@@ -125,7 +184,7 @@ def write_shard(
                 # so the checksum hides behind the write instead of adding to it.
                 hashed = hashers.submit(digests.update, block, data)
                 try:
-                    write_all(fd, data)
+                    _write_block(fd, shard, block, data, encoder)
                 finally:
                     hashed.result()
         except BaseException as e:  # noqa: BLE001 - reported below, after draining
@@ -134,13 +193,46 @@ def write_shard(
             pool.release(block.buf)
     try:
         if error is None:
+            result = _finish(fd, shard, digests, encoder)
             os.fsync(fd)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         error = e
     finally:
         if fd >= 0:
             os.close(fd)
     if error is not None:
         raise CheckpointWriteError(f"writing {path} failed: {error}") from error
-    tensor_digests, shard_digest = digests.result(shard)
-    return ShardResult(shard.file, shard.size, shard_digest, tensor_digests)
+    return result
+
+
+def _write_block(fd: int, shard: ShardPlan, block: Block, data: memoryview,
+                 encoder: _Encoder | None) -> None:
+    if encoder is None:
+        write_all(fd, data)  # the data section is written in order, straight through
+        return
+    base = len(shard.header)
+    for s, a, b, dst in block.pieces:
+        piece = data[dst : dst + (b - a)]
+        if s.compress:
+            encoder.write(fd, base, s, piece)
+        else:
+            pwrite_all(fd, piece, base + s.start + a)
+
+
+def _finish(fd: int, shard: ShardPlan, digests: _Digests, encoder: _Encoder | None
+            ) -> ShardResult:
+    """Write the real header of a compressed shard, and sum up what was written."""
+    header, size = shard.header, shard.size
+    tensors = {s.name: {"checksum": digests.get(s.name)} for s in shard.stored}
+    if encoder is not None:
+        header = shard_header(shard.stored, {n: tuple(v) for n, v in encoder.spans.items()},
+                              pad_to=len(shard.header))
+        pwrite_all(fd, header, 0)
+        size = len(header) + encoder.cursor
+        for name in encoder.spans:
+            tensors[name] = encoder.entry(name, digests.get(name))
+    shard_digest = None
+    if digests.kind is not None:
+        on_disk = [tensors[s.name]["checksum"] for s in shard.stored]
+        shard_digest = ck.shard_digest(digests.kind, header, on_disk)
+    return ShardResult(shard.file, size, shard_digest, tensors)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
@@ -105,7 +106,7 @@ def test_plan_chunks_covers_range_in_whole_elements():
     for nbytes, itemsize in [(0, 4), (4, 4), (codec.CHUNK_BYTES * 5 + 8, 8), (12_345_678, 2)]:
         ranges = codec.plan_chunks(nbytes, itemsize)
         bounds = [0] + [b for _, b in ranges]
-        assert ranges == list(zip(bounds, bounds[1:])) and bounds[-1] == nbytes
+        assert ranges == list(itertools.pairwise(bounds)) and bounds[-1] == nbytes
         for a, b in ranges:
             assert a % itemsize == 0 and b % itemsize == 0 and 0 < b - a <= codec.CHUNK_BYTES
     with pytest.raises(ValueError):
