@@ -88,7 +88,8 @@ def read(ckpt_dir: str) -> Manifest:
         raise CheckpointNotFoundError(f"{ckpt_dir}: not a checkpoint directory") from None
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    # ValueError also covers ints past Python's digit limit; RecursionError, deep nesting.
+    except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: manifest is not valid JSON ({e})") from e
     try:
         return parse(doc)

@@ -101,7 +101,7 @@ def _match_header(shard: Shard, m: mf.Manifest, index: int, entry: mf.ShardEntry
         )
     try:
         header = json.loads(shard.header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # as for the manifest (see manifest.read)
         raise CorruptCheckpointError(f"{where}: safetensors header is not JSON ({e})") from e
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{where}: safetensors header is not an object")
