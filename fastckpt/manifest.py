@@ -188,7 +188,10 @@ def _tensor(name: str, t: Any, nshards: int, kind: str | None) -> TensorEntry:
 
 
 def _ref(r: Any, tensors: dict[str, TensorEntry]) -> None:
-    _require(isinstance(r, dict) and r.get("tensor") in tensors, f"bad tensor reference {r!r}")
+    _require(
+        isinstance(r, dict) and isinstance(r.get("tensor"), str) and r["tensor"] in tensors,
+        f"bad tensor reference {r!r}",
+    )
     view = r.get("view")
     if view is None:
         return
