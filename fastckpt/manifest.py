@@ -15,6 +15,7 @@ from typing import Any
 
 from .checksum import KINDS
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
+from .plan import ST_DTYPES
 from .tree import dtype_from_name, unflatten
 
 MANIFEST_NAME = "fastckpt.json"
@@ -172,6 +173,8 @@ def _tensor(name: str, t: Any, nshards: int, kind: str | None) -> TensorEntry:
         dt = dtype_from_name(dtype)
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"tensor {name!r}: {e}") from None
+    # The tree may name any dtype; a stored tensor only one that safetensors can hold.
+    _require(dt in ST_DTYPES, f"tensor {name!r}: dtype {dtype} is not stored in shards")
     numel = 1
     for d in shape:
         numel *= d
