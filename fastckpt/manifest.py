@@ -163,7 +163,12 @@ def _tensor(name: str, t: Any, nshards: int, kind: str | None) -> TensorEntry:
     _require(isinstance(t, dict), f"tensor {name!r}: entry is not an object")
     shard, shape, off = t.get("shard"), t.get("shape"), t.get("offsets")
     _require(_nat(shard) and shard < nshards, f"tensor {name!r}: bad shard index {shard!r}")
-    _require(isinstance(shape, list) and all(_nat(d) for d in shape), f"tensor {name!r}: bad shape")
+    # A dimension past int64 fits no tensor: with another dimension 0 the byte count
+    # below still matches, and torch would raise OverflowError on load.
+    _require(
+        isinstance(shape, list) and all(_nat(d) and d < 2**63 for d in shape),
+        f"tensor {name!r}: bad shape",
+    )
     _require(
         isinstance(off, list) and len(off) == 2 and all(_nat(o) for o in off) and off[0] <= off[1],
         f"tensor {name!r}: bad offsets",
