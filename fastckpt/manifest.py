@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,8 +75,12 @@ def read(ckpt_dir: str) -> Manifest:
     """Read and validate ``ckpt_dir``'s manifest, raising a ``CheckpointError`` subclass."""
     path = os.path.join(ckpt_dir, MANIFEST_NAME)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: opening a FIFO planted under the manifest's name would block forever.
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptCheckpointError(f"{path}: not a regular file")
+            size = st.st_size
             if size > MAX_MANIFEST_BYTES:
                 raise CorruptCheckpointError(f"{path}: manifest of {size} bytes is implausible")
             data = f.read()
@@ -87,6 +92,8 @@ def read(ckpt_dir: str) -> Manifest:
         raise CheckpointNotFoundError(f"{ckpt_dir}: no such checkpoint") from None
     except NotADirectoryError:
         raise CheckpointNotFoundError(f"{ckpt_dir}: not a checkpoint directory") from None
+    except OSError as e:  # a directory in its place, no permission, a symlink loop...
+        raise CorruptCheckpointError(f"{path}: cannot read the manifest: {e}") from e
     try:
         doc = json.loads(data)
     # ValueError also covers ints past Python's digit limit; RecursionError, deep nesting.
