@@ -107,6 +107,14 @@ def read(ckpt_dir: str) -> Manifest:
 
 def parse(doc: Any) -> Manifest:
     """Validate a decoded manifest document."""
+    try:
+        return _parse(doc)
+    except RecursionError:
+        # Error messages repr() the values they refuse; a deep enough one cannot be.
+        raise CorruptCheckpointError("manifest nested too deeply") from None
+
+
+def _parse(doc: Any) -> Manifest:
     _require(isinstance(doc, dict), "manifest is not a JSON object")
     _require(doc.get("format") == FORMAT_NAME, "not a fastckpt manifest")
     version = doc.get("format_version")
