@@ -14,6 +14,8 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .checksum import KINDS
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
 from .plan import ST_DTYPES
@@ -204,10 +206,19 @@ def _tensor(name: str, t: Any, nshards: int, kind: str | None) -> TensorEntry:
     )
     _require(_digest_ok(t.get("checksum"), kind), f"tensor {name!r}: bad checksum field")
     device = t.get("device", "cpu")
-    _require(isinstance(device, str), f"tensor {name!r}: bad device")
+    _require(isinstance(device, str) and _device_ok(device), f"tensor {name!r}: bad device")
     return TensorEntry(
         name, shard, dtype, tuple(shape), off[0], off[1], t.get("checksum"), device
     )
+
+
+def _device_ok(name: str) -> bool:
+    # load(map_location=None) makes a torch.device of it, which raises RuntimeError.
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _ref(r: Any, tensors: dict[str, TensorEntry]) -> None:
