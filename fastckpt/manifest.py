@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import torch
 
 from . import codec
 from .checksum import KINDS
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
+from .plan import ST_DTYPES
 from .tree import dtype_from_name, unflatten
 
 MANIFEST_NAME = "fastckpt.json"
@@ -163,8 +166,12 @@ def read(ckpt_dir: str, lazy: bool = False) -> Manifest:
     (``lazy``: leave tensor entries and references to be validated on use)."""
     path = os.path.join(ckpt_dir, MANIFEST_NAME)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: opening a FIFO planted under the manifest's name would block forever.
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptCheckpointError(f"{path}: not a regular file")
+            size = st.st_size
             if size > MAX_MANIFEST_BYTES:
                 raise CorruptCheckpointError(f"{path}: manifest of {size} bytes is implausible")
             data = f.read()
@@ -176,9 +183,12 @@ def read(ckpt_dir: str, lazy: bool = False) -> Manifest:
         raise CheckpointNotFoundError(f"{ckpt_dir}: no such checkpoint") from None
     except NotADirectoryError:
         raise CheckpointNotFoundError(f"{ckpt_dir}: not a checkpoint directory") from None
+    except OSError as e:  # a directory in its place, no permission, a symlink loop...
+        raise CorruptCheckpointError(f"{path}: cannot read the manifest: {e}") from e
     try:
         doc = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
+    # orjson's JSONDecodeError is a ValueError; RecursionError: deep nesting.
+    except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: manifest is not valid JSON ({e})") from e
     try:
         return parse(doc, lazy)
@@ -188,6 +198,14 @@ def read(ckpt_dir: str, lazy: bool = False) -> Manifest:
 
 def parse(doc: Any, lazy: bool = False) -> Manifest:
     """Validate a decoded manifest document (all of it unless ``lazy``)."""
+    try:
+        return _parse(doc, lazy)
+    except RecursionError:
+        # Error messages repr() the values they refuse; a deep enough one cannot be.
+        raise CorruptCheckpointError("manifest nested too deeply") from None
+
+
+def _parse(doc: Any, lazy: bool) -> Manifest:
     _require(isinstance(doc, dict), "manifest is not a JSON object")
     _require(doc.get("format") == FORMAT_NAME, "not a fastckpt manifest")
     version = doc.get("format_version")
@@ -250,7 +268,12 @@ def _tensor(name: str, t: Any, nshards: int, kind: str | None) -> TensorEntry:
     _require(isinstance(t, dict), f"tensor {name!r}: entry is not an object")
     shard, shape, off = t.get("shard"), t.get("shape"), t.get("offsets")
     _require(_nat(shard) and shard < nshards, f"tensor {name!r}: bad shard index {shard!r}")
-    _require(isinstance(shape, list) and all(_nat(d) for d in shape), f"tensor {name!r}: bad shape")
+    # A dimension past int64 fits no tensor: with another dimension 0 the byte count
+    # below still matches, and torch would raise OverflowError on load.
+    _require(
+        isinstance(shape, list) and all(_nat(d) and d < 2**63 for d in shape),
+        f"tensor {name!r}: bad shape",
+    )
     _require(
         isinstance(off, list) and len(off) == 2 and all(_nat(o) for o in off) and off[0] <= off[1],
         f"tensor {name!r}: bad offsets",
@@ -260,6 +283,8 @@ def _tensor(name: str, t: Any, nshards: int, kind: str | None) -> TensorEntry:
         dt = dtype_from_name(dtype)
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"tensor {name!r}: {e}") from None
+    # The tree may name any dtype; a stored tensor only one that safetensors can hold.
+    _require(dt in ST_DTYPES, f"tensor {name!r}: dtype {dtype} is not stored in shards")
     numel = 1
     for d in shape:
         numel *= d
@@ -274,9 +299,18 @@ def _tensor(name: str, t: Any, nshards: int, kind: str | None) -> TensorEntry:
     raw_ok = raw_digest is None if meta is None else _digest_ok(raw_digest, kind)
     _require(raw_ok, f"tensor {name!r}: bad raw_checksum field")
     device = t.get("device", "cpu")
-    _require(isinstance(device, str), f"tensor {name!r}: bad device")
+    _require(isinstance(device, str) and _device_ok(device), f"tensor {name!r}: bad device")
     return TensorEntry(name, shard, dtype, tuple(shape), off[0], off[1], t.get("checksum"),
                        device, meta, raw_digest)
+
+
+def _device_ok(name: str) -> bool:
+    # load(map_location=None) makes a torch.device of it, which raises RuntimeError.
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _ref(r: Any, m: Manifest) -> None:

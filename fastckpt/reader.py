@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import json
 import mmap as mmap_mod
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -77,7 +78,8 @@ def open_shard(ckpt: str, m: mf.Manifest, index: int, full: bool = True) -> Shar
     entry = m.shards[index]
     path = os.path.join(ckpt, entry.file)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO in a shard's place must not block the open (see _read_header).
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: shard file is missing") from None
     except OSError as e:
@@ -103,7 +105,10 @@ def _pread_exact(fd: int, n: int, offset: int, path: str) -> bytes:
 
 
 def _read_header(path: str, fd: int) -> Shard:
-    size = os.fstat(fd).st_size
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptCheckpointError(f"{path}: shard is not a regular file")
+    size = st.st_size
     if size < 8:
         raise CorruptCheckpointError(f"{path}: truncated ({size} bytes, no safetensors header)")
     n = int.from_bytes(_pread_exact(fd, 8, 0, path), "little")
@@ -118,7 +123,7 @@ def match_header(shard: Shard, m: mf.Manifest, index: int) -> None:
     where = shard.path
     try:
         header = json.loads(shard.header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # as for the manifest (see manifest.read)
         raise CorruptCheckpointError(f"{where}: safetensors header is not JSON ({e})") from e
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{where}: safetensors header is not an object")

@@ -138,8 +138,16 @@ def flatten(obj: Any) -> Flat:
 
 def unflatten(tree: Any, tensor: Callable[[int, str], Any]) -> Any:
     """Rebuild the object; ``tensor(index, tag)`` supplies the tensor for each reference."""
+    try:
+        return _unflatten(tree, tensor)
+    except RecursionError:
+        # Reported here, once the stack has unwound, not at the depth where it struck.
+        raise CorruptCheckpointError("tree nested too deeply") from None
+
+
+def _unflatten(tree: Any, tensor: Callable[[int, str], Any]) -> Any:
     if isinstance(tree, list):
-        return [unflatten(x, tensor) for x in tree]
+        return [_unflatten(x, tensor) for x in tree]
     if not isinstance(tree, dict):
         return tree
     if len(tree) != 1:
@@ -149,12 +157,16 @@ def unflatten(tree: Any, tensor: Callable[[int, str], Any]) -> Any:
         return _DECODERS[tag](payload, tensor)
     except KeyError:
         raise CorruptCheckpointError(f"unknown tree tag {tag!r}") from None
-    except (TypeError, ValueError) as e:
+    except RecursionError:
+        raise
+    # RuntimeError: torch.device("bogus"); OverflowError: $size [inf]; IndexError:
+    # an empty $npscalar.
+    except (TypeError, ValueError, OverflowError, IndexError, RuntimeError) as e:
         raise CorruptCheckpointError(f"malformed {tag} node: {e}") from e
 
 
 def _pairs(payload: list, tensor: Callable) -> list:
-    return [(_hashable(unflatten(k, tensor)), unflatten(v, tensor)) for k, v in payload]
+    return [(_hashable(_unflatten(k, tensor)), _unflatten(v, tensor)) for k, v in payload]
 
 
 def _hashable(k: Any) -> Any:
@@ -174,7 +186,7 @@ def _npscalar(payload: list, tensor: Callable) -> np.generic:
 _DECODERS: dict[str, Callable[[Any, Callable], Any]] = {
     "$dict": lambda p, t: dict(_pairs(p, t)),
     "$odict": lambda p, t: OrderedDict(_pairs(p, t)),
-    "$tuple": lambda p, t: tuple(unflatten(x, t) for x in p),
+    "$tuple": lambda p, t: tuple(_unflatten(x, t) for x in p),
     "$float": lambda p, t: float(p) if p in ("nan", "inf", "-inf") else _bad_float(p),
     "$int": lambda p, t: int(p) if isinstance(p, str) and len(p) <= 4000 else _bad_int(p),
     "$size": lambda p, t: torch.Size([int(x) for x in p]),

@@ -1,11 +1,18 @@
+import collections
+import json
 import os
 
 import pytest
 import torch
 
+# Counts the reliability harnesses report (kills survived, faults injected, flips
+# detected, ...), printed at the end of the run and written out by --figures.
+FIGURES: collections.Counter = collections.Counter()
+
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run the long (slow) profile")
+    parser.addoption("--figures", metavar="PATH", help="write the reliability figures as JSON")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -16,6 +23,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(skip_slow)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if not FIGURES:
+        return
+    terminalreporter.section("reliability figures")
+    for key in sorted(FIGURES):
+        terminalreporter.write_line(f"{key}: {FIGURES[key]}")
+    path = config.getoption("--figures")
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(sorted(FIGURES.items())), f, indent=1)
+
+
+@pytest.fixture(scope="session")
+def figures():
+    """The run's reliability counters: ``figures[key] += n``."""
+    return FIGURES
+
+
+@pytest.fixture(params=["quick", pytest.param("long", marks=pytest.mark.slow)])
+def profile(request):
+    """Which profile a harness runs: "quick" in every run, "long" with --run-slow."""
+    return request.param
 
 
 @pytest.fixture
