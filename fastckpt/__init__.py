@@ -4,6 +4,9 @@
 the durable, atomic write happen in the background. ``load`` maps shards back in
 place. Checkpoints are directories of plain safetensors shards plus a JSON
 manifest; nothing is ever pickled.
+
+For training runs, :class:`TrainingState` captures everything needed to resume
+bit-exactly (models, optimizers, schedulers, AMP scaler, RNGs, data-loader position).
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from .errors import (
     CheckpointWriteError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    InvalidArgumentError,
     UnsupportedTypeError,
 )
 from .reader import VerifyReport
 from .reader import load as _load
 from .reader import verify as _verify
+from .training import TrainingState
 
 __all__ = [
     "CheckpointError",
@@ -36,8 +41,10 @@ __all__ = [
     "Checkpointer",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "InvalidArgumentError",
     "SaveHandle",
     "SaveResult",
+    "TrainingState",
     "UnsupportedTypeError",
     "VerifyReport",
     "load",

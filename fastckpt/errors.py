@@ -27,3 +27,8 @@ class CheckpointWriteError(CheckpointError):
 
 class UnsupportedTypeError(CheckpointError, TypeError):
     """``save()`` met a value it cannot store without pickle; names the key path."""
+
+
+class InvalidArgumentError(CheckpointError, ValueError):
+    """An argument is out of range or of the wrong kind (a negative step, an unknown
+    retention mode, ...)."""
