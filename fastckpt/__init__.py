@@ -5,8 +5,10 @@ the durable, atomic write happen in the background. ``load`` maps shards back in
 place. Checkpoints are directories of plain safetensors shards plus a JSON
 manifest; nothing is ever pickled.
 
-For training runs, :class:`TrainingState` captures everything needed to resume
-bit-exactly (models, optimizers, schedulers, AMP scaler, RNGs, data-loader position).
+For training runs, :class:`CheckpointManager` keeps a directory of checkpoints
+(one per step, with retention rules and best-checkpoint tracking) and
+:class:`TrainingState` captures everything needed to resume bit-exactly (models,
+optimizers, schedulers, AMP scaler, RNGs, data-loader position).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from .catalog import CheckpointInfo
 from .checkpointer import Checkpointer, PathLike, SaveHandle, SaveResult
 from .errors import (
     CheckpointError,
@@ -27,8 +30,11 @@ from .errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     InvalidArgumentError,
+    MetricError,
+    StepExistsError,
     UnsupportedTypeError,
 )
+from .manager import CheckpointManager
 from .reader import VerifyReport
 from .reader import load as _load
 from .reader import verify as _verify
@@ -36,14 +42,18 @@ from .training import TrainingState
 
 __all__ = [
     "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "Checkpointer",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "InvalidArgumentError",
+    "MetricError",
     "SaveHandle",
     "SaveResult",
+    "StepExistsError",
     "TrainingState",
     "UnsupportedTypeError",
     "VerifyReport",
