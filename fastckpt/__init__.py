@@ -23,6 +23,7 @@ from typing import Any
 
 from .catalog import CheckpointInfo
 from .checkpointer import Checkpointer, PathLike, SaveHandle, SaveResult
+from .convert import import_torch
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -57,6 +58,7 @@ __all__ = [
     "TrainingState",
     "UnsupportedTypeError",
     "VerifyReport",
+    "import_torch",
     "load",
     "save",
     "verify",
