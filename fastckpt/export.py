@@ -108,12 +108,11 @@ def _write_weights(folder: str, weights: dict[str, torch.Tensor], max_shard: int
     groups: list[dict[str, torch.Tensor]] = [{}]
     used = 0
     for name, t in weights.items():
-        n = t.numel() * t.element_size()
-        if groups[-1] and used + n > max_shard:
+        if groups[-1] and used + t.nbytes > max_shard:
             groups.append({})
             used = 0
         groups[-1][name] = t
-        used += n
+        used += t.nbytes
     if len(groups) == 1:
         _write_safetensors(os.path.join(folder, SINGLE_FILE), groups[0])
         return [SINGLE_FILE]
@@ -122,7 +121,7 @@ def _write_weights(folder: str, weights: dict[str, torch.Tensor], max_shard: int
     for file, group in zip(files, groups, strict=True):
         _write_safetensors(os.path.join(folder, file), group)
         weight_map.update(dict.fromkeys(group, file))
-    total = sum(t.numel() * t.element_size() for t in weights.values())
+    total = sum(t.nbytes for t in weights.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     _write_text(os.path.join(folder, INDEX_FILE), json.dumps(index, indent=2) + "\n")
     return [INDEX_FILE, *files]
@@ -138,13 +137,12 @@ def _write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
         t = tensors[name]
         if t.dtype not in ST_DTYPES:
             raise CheckpointError(f"weight {name!r} has dtype {t.dtype}, not storable")
-        n = t.numel() * t.element_size()
         header[name] = {
             "dtype": ST_DTYPES[t.dtype],
             "shape": list(t.shape),
-            "data_offsets": [offset, offset + n],
+            "data_offsets": [offset, offset + t.nbytes],
         }
-        offset += n
+        offset += t.nbytes
     with open(path, "wb") as f:
         f.write(encode_header(header))
         for name in order:
