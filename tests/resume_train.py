@@ -4,8 +4,10 @@ Trains an MLP with dropout on synthetic data from a seeded, shuffled DataLoader,
 checkpointing through a CheckpointManager every ``every`` steps and printing
 ``committed <step>`` once each checkpoint is durable. If the manager already holds a
 checkpoint it resumes from the latest one. Writes the final parameters to ``out``.
+With ``--wait`` it builds everything, then waits for a line on stdin before it
+opens the checkpoint directory (so its start-up can overlap another run's).
 
-usage: resume_train.py ROOT OUT TOTAL_STEPS EVERY STEP_DELAY_S
+usage: resume_train.py ROOT OUT TOTAL_STEPS EVERY STEP_DELAY_S [--wait]
 """
 
 import random
@@ -50,10 +52,12 @@ def report(pending):
     return left
 
 
-def main(root, out, total, every, delay):
+def main(root, out, total, every, delay, wait=False):
     torch.set_num_threads(1)
     ts = build()
     opt, sched = ts.optimizers[0], ts.schedulers[0]
+    if wait:
+        sys.stdin.readline()
     with fastckpt.CheckpointManager(root, keep_last=2) as manager:
         if manager.latest() is not None:
             ts.load_state_dict(manager.restore())
@@ -82,5 +86,5 @@ def main(root, out, total, every, delay):
 
 
 if __name__ == "__main__":
-    root, out, total, every, delay = sys.argv[1:]
-    main(root, out, int(total), int(every), float(delay))
+    root, out, total, every, delay = sys.argv[1:6]
+    main(root, out, int(total), int(every), float(delay), wait="--wait" in sys.argv[6:])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 
+import pytest
 import resume_train
 import torch
 from safetensors.torch import load_file
@@ -18,11 +19,24 @@ TOTAL, EVERY = 30, 5  # 7 batches per epoch: every checkpoint falls mid-epoch
 TIMEOUT = 60
 
 
-def train(root, out, delay=0.0):
-    return subprocess.Popen(
-        [sys.executable, SCRIPT, str(root), str(out), str(TOTAL), str(EVERY), str(delay)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+@pytest.fixture
+def train():
+    """Start a training process; any still running at the end of the test is killed."""
+    procs = []
+
+    def start(root, out, delay=0.0, wait=False):
+        args = [str(root), str(out), str(TOTAL), str(EVERY), str(delay)] + ["--wait"] * wait
+        procs.append(subprocess.Popen(
+            [sys.executable, SCRIPT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        ))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=TIMEOUT)
 
 
 def kill_after_first_commit(proc):
@@ -50,19 +64,20 @@ def uninterrupted(root, out):
         torch.set_num_threads(threads)
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+def test_sigkill_then_resume_is_bit_identical(tmp_path, train):
     killed = train(tmp_path / "run", tmp_path / "unused.safetensors", delay=0.05)
+    # Started now so that its imports overlap; it opens the root only when told to.
+    resumed = train(tmp_path / "run", tmp_path / "resumed.safetensors", wait=True)
     watcher, seen = kill_after_first_commit(killed)
     uninterrupted(tmp_path / "ref", tmp_path / "ref.safetensors")
     watcher.join(timeout=TIMEOUT)
     killed.wait(timeout=TIMEOUT)
-    killed.stdout.close()
     assert killed.returncode == -signal.SIGKILL, "".join(seen)
 
-    latest = fastckpt.CheckpointManager(tmp_path / "run").latest()
+    with fastckpt.CheckpointManager(tmp_path / "run") as manager:
+        latest = manager.latest()
     assert latest is not None and latest.step < TOTAL
-    resumed = train(tmp_path / "run", tmp_path / "resumed.safetensors")
-    log, _ = resumed.communicate(timeout=TIMEOUT)
+    log, _ = resumed.communicate(input="go\n", timeout=TIMEOUT)
     assert resumed.returncode == 0, log
     assert f"resumed {latest.step}" in log
 
@@ -70,5 +85,5 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     got = load_file(tmp_path / "resumed.safetensors")
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    # The new run cleaned up whatever the killed one left half-written.
+    # Nothing the killed run left half-written survives a manager starting on the root.
     assert not [e for e in os.listdir(tmp_path / "run") if e.startswith(".step_")]
