@@ -46,6 +46,16 @@ def test_rng_states_restored_exactly(ckpt):
     assert draws(np_gen, torch_gen) == expected
 
 
+@pytest.mark.cuda
+def test_cuda_rng_states_restored_exactly(ckpt):
+    torch.cuda.manual_seed_all(6)
+    saved = roundtrip(TrainingState(), ckpt)
+    devices = range(torch.cuda.device_count())
+    expected = [torch.rand(3, device=f"cuda:{i}").tolist() for i in devices]
+    TrainingState().load_state_dict(saved)
+    assert [torch.rand(3, device=f"cuda:{i}").tolist() for i in devices] == expected
+
+
 def test_generator_count_mismatch(ckpt):
     saved = roundtrip(TrainingState(generators=[torch.Generator()]), ckpt)
     with pytest.raises(fastckpt.CheckpointError, match="1 extra generators, 0 were given"):
