@@ -4,6 +4,11 @@
 the durable, atomic write happen in the background. ``load`` maps shards back in
 place. Checkpoints are directories of plain safetensors shards plus a JSON
 manifest; nothing is ever pickled.
+
+For training runs, :class:`CheckpointManager` keeps a directory of checkpoints
+(one per step, with retention rules and best-checkpoint tracking) and
+:class:`TrainingState` captures everything needed to resume bit-exactly (models,
+optimizers, schedulers, AMP scaler, RNGs, data-loader position).
 """
 
 from __future__ import annotations
@@ -17,23 +22,32 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from .catalog import CheckpointInfo
 from .checkpointer import Checkpointer, PathLike, SaveHandle, SaveResult
+from .convert import import_torch
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    InvalidArgumentError,
+    MetricError,
+    StepExistsError,
     UnsupportedTypeError,
 )
 from .fileio import native_available
+from .manager import CheckpointManager
 from .reader import CheckpointReader, VerifyReport
 from .reader import load as _load
 from .reader import verify as _verify
 from .restore import LoadReport, load_into
+from .training import TrainingState
 
 __all__ = [
     "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReader",
     "CheckpointWriteError",
@@ -41,11 +55,16 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "LoadReport",
+    "InvalidArgumentError",
+    "MetricError",
     "SaveHandle",
     "SaveResult",
+    "StepExistsError",
+    "TrainingState",
     "UnsupportedTypeError",
     "VerifyReport",
     "aload",
+    "import_torch",
     "load",
     "load_into",
     "native_available",

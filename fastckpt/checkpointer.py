@@ -10,7 +10,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -74,6 +74,15 @@ class SaveHandle:
         except BaseException:
             self.reported = True
             raise
+
+    def add_done_callback(self, fn: Callable[[BaseException | None], Any]) -> None:
+        """Call ``fn(error)`` once the save has committed (``error`` is None) or failed.
+
+        ``fn`` runs on the committing thread (or at once if the save is already
+        done) and must not block. Observing a failure here does not count as seeing
+        it: ``wait()`` and the next ``save()`` still raise it.
+        """
+        self._future.add_done_callback(lambda f: fn(f.exception()))
 
     def __await__(self):
         return self._awaitable().__await__()

@@ -114,6 +114,12 @@ def commit(tmp: str, path: str, manifest: bytes) -> None:
     """Write the manifest into ``tmp`` and make it ``path`` atomically and durably."""
     write_file_durably(os.path.join(tmp, MANIFEST_NAME), manifest)
     fsync_dir(tmp)
+    publish(tmp, path)
+
+
+def publish(tmp: str, path: str) -> None:
+    """Move the complete, fsynced directory ``tmp`` to ``path`` atomically and durably,
+    replacing a checkpoint (or an empty directory) there."""
     parent = os.path.dirname(os.path.abspath(path))
     check_replaceable(path)
     if not os.path.lexists(path):

@@ -27,3 +27,18 @@ class CheckpointWriteError(CheckpointError):
 
 class UnsupportedTypeError(CheckpointError, TypeError):
     """``save()`` met a value it cannot store without pickle; names the key path."""
+
+
+class InvalidArgumentError(CheckpointError, ValueError):
+    """An argument is out of range or of the wrong kind (a negative step, an unknown
+    retention mode, ...)."""
+
+
+class StepExistsError(CheckpointError):
+    """A checkpoint manager already holds (or is saving) this step; pass ``force=True``
+    to replace it."""
+
+
+class MetricError(InvalidArgumentError):
+    """A checkpoint manager ranks checkpoints by a metric the save did not provide (or
+    provided as something other than a real number)."""

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,11 @@ from .tree import dtype_from_name, unflatten
 MANIFEST_NAME = "fastckpt.json"
 FORMAT_NAME = "fastckpt"
 FORMAT_VERSION = 1
+# Upgrades of older manifests: MIGRATIONS[v] turns a format-v document into a format-(v+1)
+# one, and documents are upgraded step by step before validation, so the parser only ever
+# knows the current format. Format 1 is the first: a future format 2 registers
+# MIGRATIONS[1] here.
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
 # A manifest larger than this is not one we wrote; refuse before reading it into memory.
 MAX_MANIFEST_BYTES = 1 << 30
 _SHARD_FILE = re.compile(r"^shard-\d{5,}-of-\d{5,}\.safetensors$")
@@ -216,6 +222,7 @@ def _parse(doc: Any, lazy: bool) -> Manifest:
             f"({FORMAT_VERSION}); upgrade fastckpt"
         )
     _require(version >= 1, f"format_version {version} is invalid")
+    doc = migrate(doc)
     kind = doc.get("checksum")
     _require(kind is None or kind in KINDS, f"unknown checksum kind {kind!r}")
     shards = [_shard(s, kind) for s in _list(doc, "shards")]
@@ -228,6 +235,21 @@ def _parse(doc: Any, lazy: bool) -> Manifest:
     if not lazy:
         m.validate()
     return m
+
+
+def migrate(doc: dict) -> dict:
+    """Upgrade a manifest document of an older format version to the current one."""
+    version = doc["format_version"]
+    while version < FORMAT_VERSION:
+        step = MIGRATIONS.get(version)
+        if step is None:
+            raise IncompatibleCheckpointError(
+                f"checkpoint format_version {version} cannot be upgraded by this fastckpt"
+            )
+        doc = step(dict(doc))
+        version += 1
+        doc["format_version"] = version
+    return doc
 
 
 def _no_tensor(index: int, tag: str) -> Any:

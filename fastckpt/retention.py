@@ -1,0 +1,111 @@
+"""Retention: which checkpoints a manager keeps, and which one is best.
+
+A pure function of the committed checkpoints, so it can be re-evaluated after any
+change (a new save, a hand-deleted directory, a restart) and always agrees with
+what is on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any, Protocol
+
+from .errors import InvalidArgumentError
+
+KEEP_TAG = "keep"
+
+
+class Entry(Protocol):
+    step: int
+    time: float
+    metrics: dict[str, Any]
+    tags: tuple[str, ...]
+
+
+def _positive(name: str, v: Any, kind: type = int) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, kind) or v <= 0):
+        raise InvalidArgumentError(f"{name} must be a positive {kind.__name__} or None, got {v!r}")
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """The retention rules of a :class:`~fastckpt.CheckpointManager`.
+
+    Pruning happens only when ``keep_last`` or ``keep_best`` is set; the other rules
+    protect checkpoints from it. A checkpoint is kept when any rule keeps it:
+
+    - the latest checkpoint, always (training must be able to resume);
+    - the ``keep_last`` most recent steps;
+    - the ``keep_best`` best by ``metric`` (``mode`` ``"min"`` or ``"max"``);
+    - every step that is a multiple of ``keep_every``;
+    - the first checkpoint, then each one at least ``keep_every_seconds`` after the
+      previous one this rule kept;
+    - anything tagged ``"keep"``.
+    """
+
+    keep_last: int | None = None
+    keep_best: int | None = None
+    metric: str = "val_loss"
+    mode: str = "min"
+    keep_every: int | None = None
+    keep_every_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        _positive("keep_last", self.keep_last)
+        _positive("keep_best", self.keep_best)
+        _positive("keep_every", self.keep_every)
+        _positive("keep_every_seconds", self.keep_every_seconds, Real)
+        if self.mode not in ("min", "max"):
+            raise InvalidArgumentError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        if not isinstance(self.metric, str):
+            raise InvalidArgumentError(f"metric must be a str, got {self.metric!r}")
+
+    def value(self, metrics: dict[str, Any]) -> float | None:
+        """The ranking metric as a float, or None when it is missing, not a real
+        number, or NaN (such a checkpoint is never ranked, so never "best")."""
+        v = metrics.get(self.metric)
+        if isinstance(v, bool) or not isinstance(v, Real) or math.isnan(v):
+            return None
+        return float(v)
+
+    def ranked(self, entries: Iterable[Entry]) -> list[Entry]:
+        """Entries holding the metric, best first; among equals the later step first."""
+        scored = [(self.value(e.metrics), e) for e in entries]
+        sign = 1.0 if self.mode == "min" else -1.0
+        scored = [(sign * v, -e.step, e) for v, e in scored if v is not None]
+        return [e for *_, e in sorted(scored, key=lambda s: s[:2])]
+
+    def improves(self, value: float, entries: Iterable[Entry]) -> bool:
+        """True if ``value`` is strictly better than every ranked entry's."""
+        ranked = self.ranked(entries)
+        if not ranked:
+            return True
+        best = self.value(ranked[0].metrics)
+        return value < best if self.mode == "min" else value > best
+
+    def keep(self, entries: Sequence[Entry]) -> set[int]:
+        """Steps to keep among ``entries`` (all of them when nothing prunes)."""
+        by_step = sorted(entries, key=lambda e: e.step)
+        if self.keep_last is None and self.keep_best is None:
+            return {e.step for e in by_step}
+        kept = {e.step for e in by_step[-(self.keep_last or 1):]}
+        if self.keep_best:
+            kept |= {e.step for e in self.ranked(by_step)[: self.keep_best]}
+        if self.keep_every:
+            kept |= {e.step for e in by_step if e.step % self.keep_every == 0}
+        kept |= self._spaced(by_step)
+        kept |= {e.step for e in by_step if KEEP_TAG in e.tags}
+        return kept
+
+    def _spaced(self, by_step: Sequence[Entry]) -> set[int]:
+        if not self.keep_every_seconds:
+            return set()
+        kept, anchor = set(), None
+        for e in by_step:
+            if anchor is None or e.time - anchor >= self.keep_every_seconds:
+                kept.add(e.step)
+                anchor = e.time
+        return kept
