@@ -107,23 +107,22 @@ class Block:
     buf: torch.Tensor
     nbytes: int
     pieces: list[tuple[Stored, int, int, int]] = field(default_factory=list)
-    event: torch.cuda.Event | None = None
+    events: list[torch.cuda.Event] = field(default_factory=list)
 
     def ready(self) -> memoryview:
         """Wait for any device-to-host copy into the block, then expose its bytes."""
-        if self.event is not None:
-            self.event.synchronize()
+        for ev in self.events:
+            ev.synchronize()
         return memoryview(self.buf[: self.nbytes].numpy())
 
 
 class Stager:
-    """Copies stored tensors into pool blocks, on a side CUDA stream for GPU tensors."""
+    """Copies stored tensors into pool blocks; GPU tensors go device-to-host on a side
+    stream of their own device, ordered after the work already queued there."""
 
     def __init__(self, pool: StagingPool) -> None:
         self.pool = pool
-        self._stream = None
-        if torch.cuda.is_available():
-            self._stream = torch.cuda.Stream()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def stage_shard(self, shard: ShardPlan, emit: Callable[[Block], None]) -> None:
         """Fill blocks covering ``shard``'s data section in order, passing each to ``emit``."""
@@ -141,7 +140,7 @@ class Stager:
                     if s.stop > offset + n:
                         break  # the tensor continues in the next block
                     i += 1
-                block.event = self._record()
+                block.events = self._record(block)
             except BaseException:
                 self.pool.release(block.buf)
                 raise
@@ -152,10 +151,7 @@ class Stager:
         src = s.source
         out = block.buf[dst : dst + (b - a)]
         cuda = src.device.type == "cuda"
-        if cuda:
-            self._stream.wait_stream(torch.cuda.current_stream(src.device))
-        ctx = torch.cuda.stream(self._stream) if cuda else nullcontext()
-        with ctx:
+        with torch.cuda.stream(self._stream(src.device)) if cuda else nullcontext():
             if not src.is_contiguous() and a == 0 and b == s.nbytes:
                 out.view(src.dtype).view(src.shape).copy_(src, non_blocking=cuda)
             else:
@@ -163,17 +159,27 @@ class Stager:
                 out.copy_(flat[a:b], non_blocking=cuda)
         block.pieces.append((s, a, b, dst))
 
-    def _record(self):
-        if self._stream is None:
-            return None
-        ev = torch.cuda.Event()
-        ev.record(self._stream)
-        return ev
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        # The copy must see every kernel the caller queued before save().
+        stream.wait_stream(torch.cuda.current_stream(device))
+        return stream
+
+    def _record(self, block: Block) -> list:
+        devices = {s.source.device for s, *_ in block.pieces if s.source.device.type == "cuda"}
+        events = []
+        for dev in devices:
+            ev = torch.cuda.Event()
+            ev.record(self._streams[dev])
+            events.append(ev)
+        return events
 
     def synchronize(self) -> None:
         """Block until every copy issued so far is complete (the snapshot point)."""
-        if self._stream is not None:
-            self._stream.synchronize()
+        for stream in self._streams.values():
+            stream.synchronize()
 
 
 def _flat_bytes(s: Stored, cache: dict) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""End-to-end effect of compression on a save: time to durability with and without
+``compression="zstd"``, on this disk and on a disk throttled to a network
+filesystem's write rate.
+
+Run with ``python -m benchmarks.bench_compression [--throttle-mbs 200]``. The state is
+built from real trained weights (all-MiniLM-L6-v2, see bench_codec), as bf16 weights
+plus an fp32 master copy, repeated to ``--copies``; without the model package it
+falls back to synthetic weights and says so.
+
+The throttle wraps the writer's ``os.write``/``os.pwrite`` in a token bucket shared
+by all writer threads, so it limits what reaches the disk, not the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+
+import fastckpt
+from benchmarks.bench_codec import INSTALL_HINT, find_weights, load_weights
+from fastckpt import writer
+
+
+def training_state(copies: int) -> tuple[dict, str]:
+    """bf16 weights + fp32 master weights, ``copies`` times over; and their origin."""
+    path = find_weights()
+    if path is not None:
+        weights, origin = load_weights(path), "all-MiniLM-L6-v2 (trained)"
+    else:
+        g = torch.Generator().manual_seed(0)
+        weights = [torch.randn(1024, 1024, generator=g) * 0.02 for _ in range(22)]
+        origin = f"synthetic normals ({INSTALL_HINT} for real weights)"
+    state = {}
+    for c in range(copies):
+        for i, w in enumerate(weights):
+            state[f"copy{c}.w{i}.bf16"] = w.to(torch.bfloat16)
+            state[f"copy{c}.w{i}.fp32"] = w.clone()
+    return state, origin
+
+
+class Throttle:
+    """Stands in for ``os`` in the writer, letting through at most ``rate`` bytes/s."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self._lock, self._next = rate, threading.Lock(), time.monotonic()
+
+    def _wait(self, n: int) -> None:
+        with self._lock:
+            start = max(self._next, time.monotonic())
+            self._next = start + n / self.rate
+        time.sleep(max(0.0, start + n / self.rate - time.monotonic()))
+
+    def write(self, fd, data):
+        self._wait(len(memoryview(data).cast("B")))
+        return os.write(fd, data)
+
+    def pwrite(self, fd, data, offset):
+        self._wait(len(memoryview(data).cast("B")))
+        return os.pwrite(fd, data, offset)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+def durable_save(state: dict, workdir: str, compression: str | None, reps: int) -> dict:
+    """Median stall and time-to-durable over ``reps`` saves (after one warm-up)."""
+    path = os.path.join(workdir, "ck")
+    stalls, totals, disk = [], [], 0
+    with fastckpt.Checkpointer(compression=compression) as ck:
+        for i in range(reps + 1):
+            shutil.rmtree(path, ignore_errors=True)
+            r = ck.save(state, path).wait()
+            if i:
+                stalls.append(r.stall_s)
+                totals.append(r.total_s)
+        disk = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    shutil.rmtree(path, ignore_errors=True)
+    return {"stall_s": statistics.median(stalls), "total_s": statistics.median(totals),
+            "disk_bytes": disk}
+
+
+def run(state: dict, workdir: str, throttle: float | None, reps: int) -> dict:
+    real_os = writer.os
+    if throttle:
+        writer.os = Throttle(throttle)
+    try:
+        return {c or "none": durable_save(state, workdir, c, reps) for c in (None, "zstd")}
+    finally:
+        writer.os = real_os
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--copies", type=int, default=2, help="repetitions of the weights")
+    p.add_argument("--throttle-mbs", type=float, default=200.0, help="throttled write MB/s")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--dir", default=None, help="directory on the disk to measure")
+    args = p.parse_args()
+    state, origin = training_state(args.copies)
+    n = sum(t.numel() * t.element_size() for t in state.values())
+    print(f"state: {len(state)} tensors, {n / 1e6:.0f} MB, weights: {origin}")
+    tmp = tempfile.mkdtemp(prefix=".fastckpt-bench-", dir=args.dir or os.getcwd())
+    try:
+        rows = [("this disk", run(state, tmp, None, args.reps)),
+                (f"throttled to {args.throttle_mbs:.0f} MB/s",
+                 run(state, tmp, args.throttle_mbs * 1e6, args.reps))]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\n| disk | compression | on-disk / raw | stall s | durable s | speed-up |")
+    print("|---|---|---:|---:|---:|---:|")
+    for disk, r in rows:
+        for c in ("none", "zstd"):
+            x = r[c]
+            print(f"| {disk} | {c} | {x['disk_bytes'] / n:.3f} | {x['stall_s']:.3f} | "
+                  f"{x['total_s']:.2f} | {r['none']['total_s'] / x['total_s']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
