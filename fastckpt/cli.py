@@ -57,11 +57,12 @@ def _count(text: str) -> int:
 
 def human(n: float) -> str:
     """Bytes in binary units, e.g. ``1.50 GiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while abs(n) >= 1024 and i < len(units) - 1:
         n /= 1024
-    raise AssertionError("unreachable")
+        i += 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.2f} {units[i]}"
 
 
 def _when(t: float) -> str:

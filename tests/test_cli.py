@@ -217,7 +217,7 @@ def test_parse_size():
 
 
 BENCH_FIELDS = {
-    "limits": {"memcpy_s", "raw_write_s", "raw_read"},
+    "limits": {"memcpy_s", "raw_write_s", "raw_read", "raw_by_threads"},
     "save": {"fastckpt", "fastckpt_nochecksum", "fastckpt_zstd", "torch_save_s",
              "safetensors_save_s", "dcp_save_s", "dcp_async_save"},
     "load": {"fastckpt_mmap", "fastckpt_read", "fastckpt_read_fallback", "fastckpt_zstd",
