@@ -509,8 +509,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         fb.require_matplotlib()
     state = fb.model_like_state(args.size)
+    log = _stderr if sys.stdout.isatty() else lambda msg: None  # progress on a terminal only
     r = fb.run_suite(state, workdir=args.dir, reps=args.reps, peers=peers,
-                     train_steps=args.train_steps, log=_stderr)
+                     train_steps=args.train_steps, log=log)
     r["environment"] = fb.environment()
     print(fb.format_report(r))
     if args.json:
@@ -623,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--peers", default="torch,safetensors,dcp",
                    help="comma-separated peers to compare with (default all)")
     c.add_argument("--reps", type=int, default=3, help="repetitions per measurement")
-    c.add_argument("--train-steps", type=int, default=30,
+    c.add_argument("--train-steps", type=int, default=24,
                    help="steps of the simulated training loop (0: skip it)")
     c.add_argument("--json", metavar="OUT", help="write the results as JSON")
     c.add_argument("--plot", metavar="OUT.png", help="draw the results (needs matplotlib)")
