@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--size-gib", type=float, default=1.0, help="state size (default 1 GiB)")
     p.add_argument("--dir", default=None, help="directory on the disk to measure (default: cwd)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per measurement")
-    p.add_argument("--train-steps", type=int, default=30,
+    p.add_argument("--train-steps", type=int, default=24,
                    help="steps of the simulated training loop (0: skip it)")
     p.add_argument("--json", default=os.path.join(RESULTS, "latest.json"))
     p.add_argument("--plot", default=os.path.join(RESULTS, "latest.png"))
