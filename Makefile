@@ -18,6 +18,11 @@ $(VENV)/.ready: pyproject.toml setup.py $(wildcard native/*.cpp)
 
 env: $(VENV)/.ready
 
+# The benchmark's plot needs matplotlib (the optional extra "bench").
+$(VENV)/.bench-ready: $(VENV)/.ready
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $@
+
 test: env
 	$(PY) -m ruff check fastckpt tests benchmarks
 	$(PY) -m pytest -q
@@ -25,7 +30,7 @@ test: env
 stress: env
 	$(PY) -m pytest -q -m slow --run-slow
 
-bench: env
+bench: $(VENV)/.bench-ready
 	$(PY) -m benchmarks.run
 
 lint: env

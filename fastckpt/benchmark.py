@@ -2,39 +2,56 @@
 all measured in one run on the same bytes in the same directory.
 
 The machine may be shared and noisy, so results are ratios of quantities taken
-side by side, each the median of a few repetitions.
+side by side, each the median of a few repetitions. A *cold* measurement drops the
+files from the page cache first, so they come from the disk; a *warm* one follows
+an untimed run that left them cached. Every load is *materialised*: each page of
+each loaded tensor is touched, so a lazily mapped load pays for its reads too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import json
+import math
 import os
 import platform
 import shutil
 import statistics
 import tempfile
+import textwrap
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, fileio
 from .checkpointer import Checkpointer
+from .reader import load as fastckpt_load
+from .reader import verify as fastckpt_verify
+from .restore import load_into
 
 GiB = 1 << 30
+PEERS = ("torch", "safetensors", "dcp")
+PAGE = 4096
+_CHUNK = 64 << 20  # raw I/O request size
+RAW_THREADS = (1, 4)  # threads per raw request; 4 is what fastckpt's readers use
 
 
 def model_like_state(nbytes: int = GiB, seed: int = 0) -> dict:
     """A mixed-precision training state of about ``nbytes``: bf16 weights of
     transformer-like shapes plus fp32 Adam moments (10 bytes per parameter)."""
     g = torch.Generator().manual_seed(seed)
-    hidden = 1024
-    shapes = [(32000, hidden)]  # embedding
-    params = 32000 * hidden
+    # Narrower layers below 1 GiB, so that small states (for tests) stay small.
+    hidden = 1024 if nbytes >= GiB else max(128, 1 << round(math.log2(1024 * math.sqrt(
+        nbytes / GiB))))
+    vocab = max(256, min(32000, nbytes // (20 * hidden)))
+    shapes = [(vocab, hidden)]  # embedding
+    params = vocab * hidden
     while params * 10 < nbytes:
         layer = [(3 * hidden, hidden), (hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden),
                  (hidden,), (hidden,), (4 * hidden,)]
@@ -84,10 +101,59 @@ def flat_state(obj: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def _median_time(fn: Callable[[], Any], reps: int) -> float:
+def touch(obj: Any) -> None:
+    """Fault in every page of every tensor in ``obj``. One byte per page reads the
+    whole page from the disk, so this materialises a mapped load while adding almost
+    nothing to one that is already in memory (a full ``sum()`` would add compute time
+    that no library spends and blur the comparison)."""
+    for t in tensors_of(obj):
+        if t.numel() == 0:
+            continue
+        if t.is_contiguous():
+            t.reshape(-1).view(torch.uint8)[::PAGE].sum()
+        else:
+            t.sum()
+
+
+def drop_page_cache(paths: Sequence[str]) -> str | None:
+    """Evict ``paths`` (files or directories) from the page cache; returns how
+    (``"drop_caches"``, ``"fadvise"``) or None when neither works here."""
+    os.sync()  # only clean pages can be dropped
+    with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1")
+        return "drop_caches"
+    if not hasattr(os, "posix_fadvise"):
+        return None
+    try:
+        for p in _files(paths):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    except OSError:
+        return None
+    return "fadvise"
+
+
+def _files(paths: Sequence[str]) -> list[str]:
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            out += [os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs]
+        elif os.path.exists(p):
+            out.append(p)
+    return out
+
+
+def _median_time(fn: Callable[[], Any], reps: int,
+                 before: Callable[[], Any] | None = None) -> float:
+    """Median seconds of ``fn()``; ``before()`` runs untimed ahead of each rep."""
     times = []
     for _ in range(reps):
         gc.collect()
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -95,10 +161,7 @@ def _median_time(fn: Callable[[], Any], reps: int) -> float:
 
 
 def _fsync_tree(path: str) -> None:
-    paths = [path] if os.path.isfile(path) else [
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-    ]
-    for p in paths:
+    for p in _files([path]):
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -113,6 +176,19 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 @dataclass
 class Bench:
     """One benchmark run over ``state`` in ``workdir``."""
@@ -120,14 +196,16 @@ class Bench:
     state: dict
     workdir: str
     reps: int = 3
-    results: dict = field(default_factory=dict)
+    cold_method: str | None = None
 
     @property
     def nbytes(self) -> int:
         return state_bytes(self.state)
 
-    def _path(self, name: str) -> str:
+    def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
+
+    # -- hardware limits ----------------------------------------------------------
 
     def memcpy(self) -> float:
         """Seconds for one ``copy_`` of every tensor into preallocated memory."""
@@ -141,29 +219,66 @@ class Bench:
         copy()  # first touch of the destination pages is not part of a copy
         return _median_time(copy, self.reps)
 
-    def raw_write(self) -> float:
-        """Seconds to write the same byte count sequentially in 64 MiB writes + fsync."""
-        chunk = torch.empty(64 << 20, dtype=torch.uint8).fill_(7).numpy()
-        path = self._path("raw.bin")
+    def raw_io(self) -> dict:
+        """The disk's limits for the same byte count: write + fsync, and reads cold
+        (from the disk; through O_DIRECT where the cache cannot be dropped) and warm,
+        all in sequential 64 MiB requests. Each is measured with every request on one
+        thread and split across several (a deeper queue, as the libraries use); the
+        limit is the faster, so that no library can beat it merely by issuing
+        parallel I/O."""
+        by = {"write": {}, "read_cold": {}, "read_warm": {}}
+        path, direct = self.path("raw.bin"), self.cold_method is None
+        for k in RAW_THREADS:
+            by["write"][k] = _median_time(lambda k=k: self._write_raw(path, k), self.reps)
+            by["read_cold"][k] = _median_time(lambda k=k: self._read_raw(path, k, direct),
+                                              self.reps, lambda: self.drop([path]))
+            self._read_raw(path, k)
+            by["read_warm"][k] = _median_time(lambda k=k: self._read_raw(path, k), self.reps)
+        os.remove(path)
+        return {"raw_write_s": min(by["write"].values()),
+                "raw_read": {"cold_s": min(by["read_cold"].values()),
+                             "warm_s": min(by["read_warm"].values())},
+                "raw_by_threads": by}
 
-        def write() -> None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                left = self.nbytes
-                while left > 0:
-                    left -= os.write(fd, chunk[: min(left, len(chunk))])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.remove(path)
+    def _write_raw(self, path: str, threads: int) -> None:
+        chunk = torch.empty(_CHUNK, dtype=torch.uint8).fill_(7).numpy()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for off in range(0, self.nbytes, _CHUNK):
+                fileio.pwrite_all(fd, off, chunk[: min(_CHUNK, self.nbytes - off)], threads)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-        return _median_time(write, self.reps)
+    def _read_raw(self, path: str, threads: int, direct: bool = False) -> None:
+        buf = memoryview(self._buf)
+        fd = fileio.open_direct(path) if direct else None
+        fd = os.open(path, os.O_RDONLY) if fd is None else fd
+        try:
+            for off in range(0, self.nbytes, _CHUNK):
+                n = min(_CHUNK, self.nbytes - off)
+                if direct:
+                    fileio.pread_direct_into(fd, off, buf[:n])
+                else:
+                    fileio.pread_into(fd, off, buf[:n], threads)
+        finally:
+            os.close(fd)
 
-    def fastckpt_save(self, checksum: str | None = "xxh3") -> dict:
-        """Steady-state stall and durable time of fastckpt.save (one warm-up save)."""
-        path = self._path("fastckpt")
+    @functools.cached_property
+    def _buf(self) -> Any:
+        return torch.empty(_CHUNK, dtype=torch.uint8).numpy()
+
+    def drop(self, paths: Sequence[str]) -> None:
+        self.cold_method = drop_page_cache(paths)
+
+    # -- saves --------------------------------------------------------------------
+
+    def fastckpt_save(self, name: str = "fastckpt", **options: Any) -> dict:
+        """Steady-state stall and durable time of fastckpt.save (after one warm-up
+        save); the last checkpoint stays at ``path(name)`` for the loads."""
+        path = self.path(name)
         stalls, totals = [], []
-        with Checkpointer(checksum=checksum) as ck:
+        with Checkpointer(**options) as ck:
             for i in range(self.reps + 1):
                 _remove(path)
                 gc.collect()
@@ -171,104 +286,321 @@ class Bench:
                 if i:
                     stalls.append(r.stall_s)
                     totals.append(r.total_s)
-        _remove(path)
-        return {"stall_s": statistics.median(stalls), "total_s": statistics.median(totals)}
+        out = {"stall_s": statistics.median(stalls), "total_s": statistics.median(totals),
+               "disk_bytes": sum(os.path.getsize(p) for p in _files([path]))}
+        return out
+
+    def _blocking_save(self, save: Callable[[str], Any], name: str) -> float:
+        """Median seconds of ``save(path)`` + fsync; the file stays for the loads."""
+        path = self.path(name)
+
+        def run() -> None:
+            _remove(path)
+            save(path)
+            _fsync_tree(path)
+
+        return _median_time(run, max(1, self.reps - 1))
 
     def torch_save(self) -> float:
-        path = self._path("torch.pt")
-
-        def save() -> None:
-            torch.save(self.state, path)
-            _fsync_tree(path)
-            os.remove(path)
-
-        return _median_time(save, max(1, self.reps - 1))
+        return self._blocking_save(lambda p: torch.save(self.state, p), "torch.pt")
 
     def safetensors_save(self) -> float:
         from safetensors.torch import save_file
 
-        path = self._path("st.safetensors")
         flat = flat_state(self.state)
+        return self._blocking_save(lambda p: save_file(flat, p), "st.safetensors")
 
-        def save() -> None:
-            save_file(flat, path)
-            _fsync_tree(path)
-            os.remove(path)
+    def dcp_save(self) -> float:
+        import torch.distributed.checkpoint as dcp
 
-        return _median_time(save, max(1, self.reps - 1))
+        return self._blocking_save(lambda p: dcp.save(self.state, checkpoint_id=p), "dcp")
 
     def dcp_async_save(self) -> dict:
         """Blocking time and durable time of torch.distributed.checkpoint.async_save."""
         import torch.distributed.checkpoint as dcp
 
-        path = self._path("dcp")
+        path = self.path("dcp-async")
         blocks, totals = [], []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-            for i in range(self.reps + 1):
-                _remove(path)
-                gc.collect()
-                t0 = time.perf_counter()
-                fut = dcp.async_save(self.state, checkpoint_id=path)
-                t1 = time.perf_counter()
-                fut.result()
-                _fsync_tree(path)
-                if i:
-                    blocks.append(t1 - t0)
-                    totals.append(time.perf_counter() - t0)
+        for i in range(self.reps + 1):
+            _remove(path)
+            gc.collect()
+            t0 = time.perf_counter()
+            fut = dcp.async_save(self.state, checkpoint_id=path)
+            t1 = time.perf_counter()
+            fut.result()
+            _fsync_tree(path)
+            if i:
+                blocks.append(t1 - t0)
+                totals.append(time.perf_counter() - t0)
         _remove(path)
         return {"stall_s": statistics.median(blocks), "total_s": statistics.median(totals)}
 
+    # -- loads --------------------------------------------------------------------
 
-def run_save_suite(state: dict, workdir: str | None = None, reps: int = 3,
-                   peers: tuple[str, ...] = ("torch", "safetensors", "dcp"),
-                   log: Callable[[str], None] = print) -> dict:
-    """Measure the save path; returns a JSON-able dict of seconds, rates and ratios."""
+    def load(self, fn: Callable[[], Any], files: str) -> dict:
+        """Cold and warm seconds of ``fn()`` plus touching what it returns."""
+        path = self.path(files)
+
+        def run() -> None:
+            touch(fn())
+
+        cold = _median_time(run, self.reps, lambda: self.drop([path]))
+        run()  # leaves the files cached
+        return {"cold_s": cold, "warm_s": _median_time(run, self.reps)}
+
+    def fastckpt_loads(self) -> dict[str, dict]:
+        p, pz = self.path("fastckpt"), self.path("fastckpt-zstd")
+        out = {
+            "fastckpt_mmap": self.load(lambda: fastckpt_load(p), "fastckpt"),
+            "fastckpt_read": self.load(lambda: fastckpt_load(p, mmap=False), "fastckpt"),
+        }
+        with _env("FASTCKPT_NO_NATIVE", "1"):  # read at call time by fileio
+            out["fastckpt_read_fallback"] = self.load(
+                lambda: fastckpt_load(p, mmap=False), "fastckpt")
+        out["fastckpt_zstd"] = self.load(lambda: fastckpt_load(pz), "fastckpt-zstd")
+        out["fastckpt_verified"] = self.load(lambda: fastckpt_load(p, verify=True), "fastckpt")
+        out["load_into"] = self.load(lambda: self._load_into(p), "fastckpt")
+        out["verify"] = self.load(lambda: _check(fastckpt_verify(p)), "fastckpt")
+        return out
+
+    def _load_into(self, path: str) -> dict:
+        load_into(path, self.state)  # the same values: the state is left as it was
+        return self.state
+
+    def peer_loads(self, peers: Sequence[str]) -> dict[str, dict]:
+        out = {}
+        if "torch" in peers:
+            pt = self.path("torch.pt")
+            out["torch_load"] = self.load(lambda: torch.load(pt, weights_only=True), "torch.pt")
+            out["torch_load_mmap"] = self.load(
+                lambda: torch.load(pt, weights_only=True, mmap=True), "torch.pt")
+        if "safetensors" in peers:
+            from safetensors.torch import load_file
+
+            st = self.path("st.safetensors")
+            out["safetensors_load"] = self.load(lambda: load_file(st), "st.safetensors")
+        if "dcp" in peers:
+            import torch.distributed.checkpoint as dcp
+
+            def dcp_load() -> dict:
+                dcp.load(self.state, checkpoint_id=self.path("dcp"))
+                return self.state
+
+            out["dcp_load"] = self.load(dcp_load, "dcp")
+        return out
+
+
+def _check(report: Any) -> None:
+    if not report.ok:
+        raise RuntimeError(f"benchmark checkpoint does not verify: {report.problems[:3]}")
+
+
+# -- a training loop that checkpoints ------------------------------------------------
+
+
+@dataclass
+class TrainLoop:
+    """A small transformer trained on CPU with a checkpoint every ``every`` steps:
+    what each way of checkpointing costs the training loop."""
+
+    workdir: str
+    steps: int = 30
+    every: int = 5
+
+    def _setup(self) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor]:
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(d_model=512, nhead=8, dim_feedforward=2048,
+                                                 dropout=0.0, batch_first=True)
+        model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        return model, opt, torch.randn(4, 64, 512)  # ~0.15 s a step on 2 cores
+
+    @staticmethod
+    def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    def run(self, variant: str) -> dict:
+        """Train ``steps`` steps checkpointing with ``variant`` (``"none"``,
+        ``"fastckpt"``, ``"torch"``, ``"dcp"``): loop seconds, the median time a
+        checkpoint blocked the loop, and the wait for saves still running at the end."""
+        model, opt, x = self._setup()
+        for _ in range(2):  # warm-up: first-call costs, and the optimizer state
+            self._step(model, opt, x)
+        ckpt, pending, stalls, steps = _Saver(variant, self.workdir), None, [], []
+        t0 = time.perf_counter()
+        for i in range(1, self.steps + 1):
+            s0 = time.perf_counter()
+            self._step(model, opt, x)
+            steps.append(time.perf_counter() - s0)
+            if variant != "none" and i % self.every == 0:
+                state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": i}
+                s0 = time.perf_counter()
+                pending = ckpt.save(state, i, pending)
+                stalls.append(time.perf_counter() - s0)
+        loop = time.perf_counter() - t0
+        d0 = time.perf_counter()
+        ckpt.finish(pending)
+        nbytes = state_bytes({"m": model.state_dict(), "o": opt.state_dict()})
+        return {"loop_s": loop, "step_s": loop / self.steps,
+                "median_step_s": statistics.median(steps), "drain_s": time.perf_counter() - d0,
+                "stall_s": statistics.median(stalls) if stalls else 0.0,
+                "checkpoints": len(stalls), "state_bytes": nbytes}
+
+
+class _Saver:
+    """One way of checkpointing inside the training loop. Each checkpoint goes to a
+    new path, as training does; the directory is emptied at the end."""
+
+    def __init__(self, variant: str, workdir: str) -> None:
+        self.variant = variant
+        self.dir = tempfile.mkdtemp(prefix=f"train-{variant}-", dir=workdir)
+        self.engine = Checkpointer() if variant == "fastckpt" else None
+
+    def save(self, state: dict, step: int, pending: Any) -> Any:
+        path = os.path.join(self.dir, f"step_{step}")
+        if self.variant == "fastckpt":
+            return self.engine.save(state, path)  # back-pressure is the engine's own
+        if self.variant == "torch":
+            torch.save(state, path)
+            _fsync_tree(path)  # durable, as the other two are when they complete
+            return None
+        import torch.distributed.checkpoint as dcp
+
+        if pending is not None:
+            pending.result()  # DCP allows one async save in flight
+        return dcp.async_save(state, checkpoint_id=path)
+
+    def finish(self, pending: Any) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        elif pending is not None:
+            pending.result()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_training(workdir: str, steps: int, rounds: int, peers: Sequence[str],
+                 log: Callable[[str], None]) -> dict:
+    """The training loop with each way of checkpointing, in ``rounds`` interleaved
+    rounds (a burst of load from elsewhere then hits one round of every variant, not
+    all of one); each figure is the median over the rounds."""
+    loop = TrainLoop(workdir, steps, max(1, steps // 6))
+    variants = ["none", "fastckpt"] + [p for p in ("torch", "dcp") if p in peers]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for i in range(rounds):
+        log(f"  training loop, round {i + 1} of {rounds} ...")
+        for v in variants:
+            runs[v].append(loop.run(v))
+    out: dict[str, Any] = {"steps": steps, "every": loop.every, "rounds": rounds,
+                           "variants": {v: {k: statistics.median(x[k] for x in rs)
+                                            for k in rs[0]} for v, rs in runs.items()}}
+    # Against the median step without checkpoints: a stray slow step on a shared
+    # machine moves a median far less than a total.
+    base = out["variants"]["none"]["median_step_s"] * steps
+    for r in out["variants"].values():
+        r["overhead"] = r["loop_s"] / base - 1
+    out["state_bytes"] = out["variants"]["fastckpt"]["state_bytes"]
+    return out
+
+
+# -- the suite ----------------------------------------------------------------------
+
+
+def run_suite(state: dict, workdir: str | None = None, reps: int = 3,
+              peers: Sequence[str] = PEERS, train_steps: int = 24,
+              log: Callable[[str], None] = print) -> dict:
+    """Measure limits, saves, loads, peers and (``train_steps`` > 0) the training
+    loop; returns a JSON-able dict of seconds, rates, ratios and targets."""
     tmp = tempfile.mkdtemp(prefix=".fastckpt-bench-", dir=workdir or os.getcwd())
-    try:
-        b = Bench(state, tmp, reps)
-        n = b.nbytes
-        log(f"state: {len(tensors_of(state))} tensors, {n / GiB:.2f} GiB; dir {tmp}")
-        r: dict[str, Any] = {"nbytes": n}
-        steps: list[tuple[str, Callable[[], Any]]] = [
-            ("memcpy_s", b.memcpy),
-            ("raw_write_s", b.raw_write),
-            ("fastckpt", b.fastckpt_save),
-            ("fastckpt_nochecksum", lambda: b.fastckpt_save(checksum=None)),
-        ]
-        peer_steps = {"torch": ("torch_save_s", b.torch_save),
-                      "safetensors": ("safetensors_save_s", b.safetensors_save),
-                      "dcp": ("dcp_async_save", b.dcp_async_save)}
-        steps += [peer_steps[p] for p in peers if p in peer_steps]
-        for name, fn in steps:
-            log(f"  measuring {name} ...")
-            r[name] = fn()
-        return _with_ratios(r)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with warnings.catch_warnings():
+        # DCP warns, also from its async threads, that it assumes a single process:
+        # that is the intent here.
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to .* single process")
+        try:
+            return _run_suite(tmp, state, reps, peers, train_steps, log)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_suite(tmp: str, state: dict, reps: int, peers: Sequence[str], train_steps: int,
+               log: Callable[[str], None]) -> dict:
+    b = Bench(state, tmp, reps, drop_page_cache([]))
+    n = b.nbytes
+    log(f"state: {len(tensors_of(state))} tensors, {n / GiB:.2f} GiB; dir {tmp}")
+    r: dict[str, Any] = {"nbytes": n, "tensors": len(tensors_of(state)), "reps": reps,
+                         "dir": os.path.dirname(tmp), "peers": list(peers),
+                         "native": fileio.native_available(),
+                         "limits": {}, "save": {}, "load": {}}
+    # (section, key, measurement); a measurement without a key returns several
+    steps: list[tuple[str, str | None, Callable[[], Any]]] = [
+        ("limits", "memcpy_s", b.memcpy),
+        ("limits", None, b.raw_io),
+        ("save", "fastckpt", lambda: b.fastckpt_save()),
+        ("save", "fastckpt_nochecksum", lambda: b.fastckpt_save("nock", checksum=None)),
+        ("save", "fastckpt_zstd", lambda: b.fastckpt_save("fastckpt-zstd",
+                                                          compression="zstd")),
+    ]
+    peer_steps = {"torch": [("save", "torch_save_s", b.torch_save)],
+                  "safetensors": [("save", "safetensors_save_s", b.safetensors_save)],
+                  "dcp": [("save", "dcp_save_s", b.dcp_save),
+                          ("save", "dcp_async_save", b.dcp_async_save)]}
+    steps += [s for p in peers for s in peer_steps.get(p, [])]
+    for section, key, fn in steps:
+        log(f"  measuring {section} {key or 'raw I/O'} ...")
+        if key is None:
+            r[section].update(fn())
+        else:
+            r[section][key] = fn()
+    _remove(b.path("nock"))
+    log("  measuring fastckpt loads (cold, warm) ...")
+    r["load"].update(b.fastckpt_loads())
+    log("  measuring peer loads (cold, warm) ...")
+    r["load"].update(b.peer_loads(peers))
+    r["cold_method"] = b.cold_method or "O_DIRECT (raw read only; loads not cold)"
+    if train_steps > 0:
+        r["train"] = run_training(tmp, train_steps, reps, peers, log)
+    return _with_ratios(r)
 
 
 def _with_ratios(r: dict) -> dict:
-    n = r["nbytes"]
-    fc = r["fastckpt"]
-    rates = {"raw_write": n / r["raw_write_s"], "fastckpt": n / fc["total_s"],
-             "memcpy": n / r["memcpy_s"]}
+    n, lim, sv, ld = r["nbytes"], r["limits"], r["save"], r["load"]
+    rates = {"memcpy": n / lim["memcpy_s"], "raw_write": n / lim["raw_write_s"],
+             "raw_read_cold": n / lim["raw_read"]["cold_s"],
+             "raw_read_warm": n / lim["raw_read"]["warm_s"]}
+    for k in ("fastckpt", "fastckpt_nochecksum", "fastckpt_zstd", "dcp_async_save"):
+        if k in sv:
+            rates[f"{k}_save"] = n / sv[k]["total_s"]
+    for k in ("torch_save_s", "safetensors_save_s", "dcp_save_s"):
+        if k in sv:
+            rates[k[:-2]] = n / sv[k]
+    for k, v in ld.items():
+        rates[f"{k}_cold"], rates[f"{k}_warm"] = n / v["cold_s"], n / v["warm_s"]
+    fc, warm = sv["fastckpt"], ld["fastckpt_mmap"]["warm_s"]
     ratios = {
-        "stall_over_memcpy": fc["stall_s"] / r["memcpy_s"],
-        "throughput_over_raw_write": rates["fastckpt"] / rates["raw_write"],
-        "checksum_cost": fc["total_s"] / r["fastckpt_nochecksum"]["total_s"] - 1,
+        "stall_over_memcpy": fc["stall_s"] / lim["memcpy_s"],
+        "throughput_over_raw_write": rates["fastckpt_save"] / rates["raw_write"],
+        "checksum_cost": fc["total_s"] / sv["fastckpt_nochecksum"]["total_s"] - 1,
+        "zstd_ratio": n / sv["fastckpt_zstd"]["disk_bytes"],
+        "cold_restore_over_raw_read": rates["fastckpt_mmap_cold"] / rates["raw_read_cold"],
+        "warm_restore_over_memcpy": rates["fastckpt_mmap_warm"] / rates["memcpy"],
+        "load_checksum_cost": ld["fastckpt_verified"]["cold_s"] / ld["fastckpt_mmap"]["cold_s"]
+        - 1,
+        "verify_over_raw_read": rates["verify_cold"] / rates["raw_read_cold"],
+        "native_over_fallback_cold": ld["fastckpt_read_fallback"]["cold_s"]
+        / ld["fastckpt_read"]["cold_s"],
     }
-    if "torch_save_s" in r:
-        rates["torch_save"] = n / r["torch_save_s"]
-        ratios["speedup_vs_torch_save"] = r["torch_save_s"] / fc["total_s"]
-    if "safetensors_save_s" in r:
-        rates["safetensors_save"] = n / r["safetensors_save_s"]
-        ratios["speedup_vs_safetensors"] = r["safetensors_save_s"] / fc["total_s"]
-    if "dcp_async_save" in r:
-        rates["dcp_async_save"] = n / r["dcp_async_save"]["total_s"]
-        ratios["stall_over_dcp_stall"] = fc["stall_s"] / r["dcp_async_save"]["stall_s"]
+    if "torch_save_s" in sv:
+        ratios["speedup_vs_torch_save"] = sv["torch_save_s"] / fc["total_s"]
+        ratios["warm_restore_over_torch_load"] = ld["torch_load"]["warm_s"] / warm
+    if "safetensors_save_s" in sv:
+        ratios["speedup_vs_safetensors"] = sv["safetensors_save_s"] / fc["total_s"]
+        ratios["warm_restore_over_safetensors"] = ld["safetensors_load"]["warm_s"] / warm
+    if "dcp_async_save" in sv:
+        ratios["stall_over_dcp_stall"] = fc["stall_s"] / sv["dcp_async_save"]["stall_s"]
     r["rates_Bps"] = rates
     r["ratios"] = ratios
+    r["targets"] = [{"target": d, "measured": v, "met": ok} for d, v, ok in check_targets(r)]
     return r
 
 
@@ -282,42 +614,177 @@ SAVE_TARGETS = [
     ("checksum_cost", "<", 0.03, "xxh3 checksum costs < 3% of save time"),
 ]
 
+# The restore path: fastckpt.load(path) with its defaults, every page touched.
+LOAD_TARGETS = [
+    ("cold_restore_over_raw_read", ">=", 0.9, "cold full restore >= 0.9x raw sequential read"),
+    ("warm_restore_over_memcpy", ">=", 0.5, "warm restore >= 0.5x memcpy"),
+    ("warm_restore_over_safetensors", ">=", 2.0,
+     "warm restore >= 2x safetensors load_file (+touch)"),
+    ("warm_restore_over_torch_load", ">=", 3.0, "warm restore >= 3x torch.load"),
+    ("load_checksum_cost", "<", 0.10, "verify=True costs < 10% of a cold restore"),
+]
+
 
 def check_targets(r: dict) -> list[tuple[str, float, bool]]:
     """(description, measured ratio, met?) for each target the run measured."""
+    ops = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t, "<": lambda v, t: v < t}
+    return [(desc, r["ratios"][key], ops[op](r["ratios"][key], thr))
+            for key, op, thr, desc in SAVE_TARGETS + LOAD_TARGETS if key in r["ratios"]]
+
+
+# -- report -------------------------------------------------------------------------
+
+# (label, section, key) of each row, in table order.
+_SAVE_ROWS = [("fastckpt", "fastckpt"), ("fastckpt, no checksum", "fastckpt_nochecksum"),
+              ("fastckpt, zstd", "fastckpt_zstd"), ("torch.save", "torch_save_s"),
+              ("safetensors save_file", "safetensors_save_s"), ("DCP save", "dcp_save_s"),
+              ("DCP async_save", "dcp_async_save")]
+_LOAD_ROWS = [("fastckpt.load (mmap, default)", "fastckpt_mmap"),
+              ("fastckpt.load(mmap=False), native", "fastckpt_read"),
+              ("fastckpt.load(mmap=False), Python fallback", "fastckpt_read_fallback"),
+              ("fastckpt.load, zstd checkpoint", "fastckpt_zstd"),
+              ("fastckpt.load(verify=True)", "fastckpt_verified"),
+              ("fastckpt.load_into (in place)", "load_into"),
+              ("fastckpt.verify", "verify")]
+_PEER_LOAD_ROWS = [("torch.load", "torch_load"), ("torch.load(mmap=True)", "torch_load_mmap"),
+                   ("safetensors load_file", "safetensors_load"),
+                   ("DCP load (in place)", "dcp_load")]
+
+
+def _gbs(n: int, s: float) -> str:
+    return f"{n / s / 1e9:.2f}"
+
+
+def save_rows(r: dict) -> list[tuple[str, float | None, float]]:
+    """(label, stall seconds or None for a blocking save, durable seconds)."""
     out = []
-    for key, op, thr, desc in SAVE_TARGETS:
-        if key in r["ratios"]:
-            v = r["ratios"][key]
-            out.append((desc, v, v <= thr if op == "<=" else v >= thr if op == ">=" else v < thr))
+    for label, key in _SAVE_ROWS:
+        v = r["save"].get(key)
+        if isinstance(v, dict):
+            out.append((label, v["stall_s"], v["total_s"]))
+        elif v is not None:
+            out.append((label, None, v))
     return out
 
 
 def format_report(r: dict) -> str:
-    """Markdown tables of one run's measurements and targets."""
-    n = r["nbytes"]
-    gbs = {k: v / 1e9 for k, v in r["rates_Bps"].items()}
-    fc, lines = r["fastckpt"], []
-    lines += ["| quantity | seconds | GB/s |", "|---|---:|---:|"]
-    rows = [("memcpy (one copy_)", r["memcpy_s"], gbs["memcpy"]),
-            ("raw write + fsync", r["raw_write_s"], gbs["raw_write"]),
-            ("fastckpt save: stall", fc["stall_s"], n / fc["stall_s"] / 1e9),
-            ("fastckpt save: durable", fc["total_s"], gbs["fastckpt"]),
-            ("fastckpt save, no checksum: durable", r["fastckpt_nochecksum"]["total_s"],
-             n / r["fastckpt_nochecksum"]["total_s"] / 1e9)]
-    if "torch_save_s" in r:
-        rows.append(("torch.save + fsync", r["torch_save_s"], gbs["torch_save"]))
-    if "safetensors_save_s" in r:
-        rows.append(("safetensors save_file + fsync", r["safetensors_save_s"],
-                     gbs["safetensors_save"]))
-    if "dcp_async_save" in r:
-        d = r["dcp_async_save"]
-        rows.append(("DCP async_save: blocking", d["stall_s"], n / d["stall_s"] / 1e9))
-        rows.append(("DCP async_save: durable", d["total_s"], gbs["dcp_async_save"]))
-    lines += [f"| {name} | {s:.3f} | {g:.2f} |" for name, s, g in rows]
-    lines += ["", "| target | measured | met |", "|---|---:|:---:|"]
-    lines += [f"| {d} | {v:.3f} | {'yes' if ok else 'NO'} |" for d, v, ok in check_targets(r)]
-    return "\n".join(lines)
+    """Markdown tables of one run: limits, saves, loads, peers, training, targets."""
+    n, lim, ld = r["nbytes"], r["limits"], r["load"]
+    out = [f"{r['tensors']} tensors, {n / GiB:.2f} GiB, median of {r['reps']}; "
+           f"cold cache by {r['cold_method']}; native I/O {'on' if r['native'] else 'off'}", ""]
+    out += ["| hardware limit | seconds | GB/s |", "|---|---:|---:|"]
+    out += [f"| {label} | {s:.3f} | {_gbs(n, s)} |" for label, s in (
+        ("memcpy (one copy_)", lim["memcpy_s"]), ("raw write + fsync", lim["raw_write_s"]),
+        ("raw sequential read, cold", lim["raw_read"]["cold_s"]),
+        ("raw sequential read, warm", lim["raw_read"]["warm_s"]))]
+    out += ["", "| save (durable: + fsync) | stall s | durable s | GB/s | x raw write |",
+            "|---|---:|---:|---:|---:|"]
+    for label, stall, total in save_rows(r):
+        stall_text = f"{stall:.3f}" if stall is not None else f"{total:.3f} (blocks)"
+        out.append(f"| {label} | {stall_text} | {total:.3f} | {_gbs(n, total)} | "
+                   f"{lim['raw_write_s'] / total:.2f} |")
+    out.append(f"\nzstd: {r['ratios']['zstd_ratio']:.2f}x smaller on disk")
+    for title, rows in (("fastckpt load", _LOAD_ROWS), ("peer load", _PEER_LOAD_ROWS)):
+        out += ["", f"| {title} (+touch) | cold s | cold GB/s | x raw read | warm s | "
+                    "warm GB/s | x memcpy |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for label, key in rows:
+            if key in ld:
+                c, w = ld[key]["cold_s"], ld[key]["warm_s"]
+                out.append(f"| {label} | {c:.3f} | {_gbs(n, c)} | "
+                           f"{lim['raw_read']['cold_s'] / c:.2f} | {w:.3f} | {_gbs(n, w)} | "
+                           f"{lim['memcpy_s'] / w:.2f} |")
+    if "train" in r:
+        t = r["train"]
+        out += ["", f"training loop: {t['steps']} steps, a checkpoint every {t['every']} "
+                    f"({t['state_bytes'] / 2**20:.0f} MiB of state), median of "
+                    f"{t['rounds']} rounds", "",
+                "| checkpointing | step ms | overhead | stall ms per checkpoint | "
+                "drain s at end |", "|---|---:|---:|---:|---:|"]
+        for v, x in t["variants"].items():
+            out.append(f"| {v} | {x['step_s'] * 1e3:.1f} | {x['overhead']:+.1%} | "
+                       f"{x['stall_s'] * 1e3:.1f} | {x['drain_s']:.2f} |")
+    out += ["", "| target | measured | met |", "|---|---:|:---:|"]
+    out += [f"| {t['target']} | {t['measured']:.3f} | {'yes' if t['met'] else 'NO'} |"
+            for t in r["targets"]]
+    return "\n".join(out)
+
+
+def require_matplotlib() -> None:
+    """Raise a clear error before a long run whose plot could not be drawn."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RuntimeError("the plot needs matplotlib: pip install 'fastckpt[bench]'") from None
+
+
+def plot(r: dict, path: str) -> None:
+    """Draw one run as a PNG: throughput as a fraction of the hardware limit for
+    saves, cold loads and warm loads; the stall of each save; the training loop's
+    overhead; and the targets."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, lim, ld = r["nbytes"], r["limits"], r["load"]
+    fig, axes = plt.subplots(2, 3, figsize=(20, 10), width_ratios=[1, 1, 1.15])
+    saves = save_rows(r)
+    _bars(axes[0, 0], [(label, lim["raw_write_s"] / total) for label, _, total in saves],
+          "save: durable throughput / raw write+fsync", f"raw write+fsync "
+          f"{_gbs(n, lim['raw_write_s'])} GB/s")
+    loads = [(label, key) for label, key in _LOAD_ROWS + _PEER_LOAD_ROWS if key in ld]
+    _bars(axes[0, 1], [(label, lim["raw_read"]["cold_s"] / ld[k]["cold_s"]) for label, k in loads],
+          "cold load (+touch): throughput / raw sequential read",
+          f"raw read cold {_gbs(n, lim['raw_read']['cold_s'])} GB/s")
+    _bars(axes[0, 2], [(label, lim["memcpy_s"] / ld[k]["warm_s"]) for label, k in loads],
+          "warm load (+touch): throughput / memcpy",
+          f"memcpy {_gbs(n, lim['memcpy_s'])} GB/s")
+    stalls = [(label, stall) if stall is not None else (f"{label} (blocking)", total)
+              for label, stall, total in saves]
+    _bars(axes[1, 0], stalls, "stall: seconds the save call blocks training", "one memcpy",
+          limit=lim["memcpy_s"], fmt="{:.3f} s")
+    if "train" in r:
+        ov = [(v if v != "none" else "none (noise floor)", x["overhead"] * 100)
+              for v, x in r["train"]["variants"].items()]
+        _bars(axes[1, 1], ov, "training loop: step-time overhead of checkpointing (%)",
+              "no checkpoints", limit=0.0, fmt="{:+.1f}%")
+    else:
+        axes[1, 1].axis("off")
+    _targets_panel(axes[1, 2], r)
+    fig.suptitle(f"fastckpt {__version__}: {n / GiB:.2f} GiB state, {r['dir']} "
+                 f"(median of {r['reps']}; higher is better except stall and overhead)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _bars(ax: Any, items: list[tuple[str, float]], title: str, limit_label: str,
+          limit: float = 1.0, fmt: str = "{:.2f}x") -> None:
+    labels = [label for label, _ in items]
+    values = [v for _, v in items]
+    colors = ["tab:blue" if label.startswith("fastckpt") else "tab:gray" for label in labels]
+    y = range(len(items))
+    ax.barh(y, values, color=colors)
+    ax.set_yticks(list(y), labels)
+    ax.invert_yaxis()
+    ax.axvline(limit, color="tab:red", linestyle="--")
+    for i, v in enumerate(values):
+        ax.text(v, i, " " + fmt.format(v), va="center", fontsize=9)
+    ax.set_xlim(min(0.0, *values) * 1.25, max(limit, *values) * 1.25 or 1.0)
+    # The reference goes in the title: a legend would cover some bar.
+    ax.set_title(f"{title}\n(red dashes: {limit_label})", fontsize=11)
+
+
+def _targets_panel(ax: Any, r: dict) -> None:
+    ax.axis("off")
+    ax.set_title("targets (measured ratio)", fontsize=11)
+    step = 1.0 / max(12, len(r["targets"]))
+    for i, t in enumerate(r["targets"]):
+        text = f"{'met' if t['met'] else 'NOT MET'}: {t['target']} ({t['measured']:.2f})"
+        ax.text(0.0, 1.0 - step * i, textwrap.fill(text, 46, subsequent_indent="    "),
+                transform=ax.transAxes, fontsize=9, va="top",
+                color="tab:green" if t["met"] else "tab:red")
 
 
 def environment() -> dict:
@@ -336,3 +803,5 @@ def write_json(r: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(r, f, indent=2, default=str)
+        f.write("\n")
+

@@ -1,42 +1,311 @@
-"""Converting checkpoints of other formats into fastckpt checkpoints."""
+"""Converting between fastckpt checkpoints and other formats.
+
+Into fastckpt: a ``torch.save`` file (read with ``torch.load(weights_only=True)``
+only, so nothing in it is ever executed) or safetensors (one file, or a folder of
+them such as a Hugging Face model). Out of fastckpt: one plain safetensors file, or
+a Hugging Face style folder::
+
+    dest/
+      model.safetensors                      # or, above max_shard_size:
+      model-00001-of-00003.safetensors ...   #   shards plus
+      model.safetensors.index.json           #   {"metadata": {"total_size"}, "weight_map"}
+
+Exported tensor names are the checkpoint's key paths (``model/fc.weight``);
+``prefix="model"`` keeps only the tensors under ``model/`` and strips it, which gives
+a model's own state-dict names.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from . import commit, reader
 from .checkpointer import Checkpointer, PathLike, SaveResult
 from .errors import CheckpointError, CheckpointNotFoundError, UnsupportedTypeError
+from .plan import ST_DTYPES, encode_header
+from .tree import dtype_from_name
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD = 5 << 30
+# progress(bytes just written, bytes the whole export writes)
+Progress = Callable[[int, int], None]
+
+
+def detect(path: PathLike) -> str:
+    """The format at ``path``: ``"fastckpt"``, ``"safetensors"`` (a file, or a folder
+    of ``*.safetensors``) or ``"torch"`` (any other file, for ``torch.load``)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if commit.is_checkpoint(reader.resolve(path)):
+            return "fastckpt"
+        if _safetensors_files(path):
+            return "safetensors"
+        raise CheckpointError(f"{path}: neither a fastckpt checkpoint nor a safetensors folder")
+    if not os.path.exists(path):
+        if commit.is_checkpoint(reader.resolve(path)):
+            return "fastckpt"
+        raise CheckpointNotFoundError(f"{path}: no such file or directory")
+    return "safetensors" if _is_safetensors_file(path) else "torch"
+
+
+# -- into fastckpt ------------------------------------------------------------------
 
 
 def import_torch(src_file: PathLike, dest_dir: PathLike, *,
                  metadata: Mapping[str, Any] | None = None,
-                 checkpointer: Checkpointer | None = None) -> SaveResult:
+                 checkpointer: Checkpointer | None = None,
+                 compression: str | None = None) -> SaveResult:
     """Convert a ``torch.save`` file into a fastckpt checkpoint at ``dest_dir``.
 
-    The file is read with ``torch.load(weights_only=True)`` only, so it can hold
-    tensors, containers and plain values but never runs code; anything else is
-    refused with :class:`UnsupportedTypeError`. Blocks until the new checkpoint is
-    committed and returns its :class:`SaveResult`. ``metadata`` is stored with it,
-    plus ``imported_from`` (the source file).
+    The file is read with ``torch.load(weights_only=True)`` only: it may hold
+    tensors, containers and plain values, and anything else is refused with
+    :class:`UnsupportedTypeError`. Blocks until the checkpoint is committed.
+    ``metadata`` is stored with it, plus ``imported_from`` (the source file).
     """
     src = os.path.abspath(os.fspath(src_file))
     if not os.path.isfile(src):
         raise CheckpointNotFoundError(f"{src}: no such file")
     try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
+        obj = torch.load(src, map_location="cpu", weights_only=True, mmap=_is_zip(src))
     except pickle.UnpicklingError as e:
         raise UnsupportedTypeError(
             f"{src} holds objects that torch.load(weights_only=True) refuses: {e}"
         ) from e
     except (RuntimeError, EOFError, ValueError) as e:
         raise CheckpointError(f"{src} is not a readable torch.save file: {e}") from e
+    return _save(obj, dest_dir, {**(metadata or {}), "imported_from": src}, checkpointer,
+                 compression)
+
+
+def import_safetensors(src: PathLike, dest_dir: PathLike, *,
+                       metadata: Mapping[str, Any] | None = None,
+                       checkpointer: Checkpointer | None = None,
+                       compression: str | None = None) -> SaveResult:
+    """Convert a safetensors file, or a folder of them (a Hugging Face model, sharded
+    or not), into a fastckpt checkpoint at ``dest_dir`` holding the flat
+    ``{name: tensor}`` dict. The files' ``__metadata__`` is kept under
+    ``safetensors_metadata``. Blocks until the checkpoint is committed."""
+    from safetensors import SafetensorError, safe_open
+
+    src = os.path.abspath(os.fspath(src))
+    files = _safetensors_files(src) if os.path.isdir(src) else [src]
+    if not files:
+        raise CheckpointNotFoundError(f"{src}: no safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    st_meta: dict[str, str] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                st_meta.update(st.metadata() or {})
+                for name in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if name in tensors:
+                        raise CheckpointError(f"{f}: tensor {name!r} is also in another file")
+                    tensors[name] = st.get_tensor(name)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file: {e}") from e
+    meta = {**(metadata or {}), "imported_from": src}
+    if st_meta:
+        meta["safetensors_metadata"] = st_meta
+    return _save(tensors, dest_dir, meta, checkpointer, compression)
+
+
+def _save(obj: Any, dest: PathLike, meta: dict, checkpointer: Checkpointer | None,
+          compression: str | None) -> SaveResult:
     from . import default_checkpointer  # the package imports this module first
 
     engine = checkpointer or default_checkpointer()
-    meta = {**(metadata or {}), "imported_from": src}
-    return engine.save(obj, dest_dir, metadata=meta).wait()
+    return engine.save(obj, dest, metadata=meta, compression=compression).wait()
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    """The files of a safetensors folder: those its HF index names, else every
+    ``*.safetensors`` in it."""
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index: {e}") from e
+        if any(os.path.basename(n) != n for n in names):
+            raise CheckpointError(f"{index}: weight_map names files outside its folder")
+        return [os.path.join(folder, n) for n in names]
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if n.endswith(".safetensors"))
+
+
+def _is_safetensors_file(path: str) -> bool:
+    """A safetensors file starts with an 8-byte header length and a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size
+
+
+def _is_zip(path: str) -> bool:
+    # torch.save's zip format can be memory-mapped; the legacy format cannot.
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+# -- out of fastckpt ----------------------------------------------------------------
+
+
+def export_safetensors(src: PathLike, dest_file: PathLike, *, prefix: str | None = None,
+                       progress: Progress | None = None) -> str:
+    """Write the tensors of checkpoint ``src`` to one new safetensors file.
+
+    Tensors are streamed one at a time (a compressed tensor is decoded on its own),
+    so memory stays bounded by the largest tensor. Tensors that shared storage are
+    written once per name, as safetensors requires. ``progress`` is called as bytes
+    are written. Returns ``dest_file``.
+    """
+    dest = _new_path(dest_file, allow_empty_dir=False)
+    with reader.CheckpointReader(src) as r:
+        specs = _specs(r, prefix)
+        tmp = commit.sibling(dest, commit.TMP_TAG)
+        try:
+            _write_file(r, specs, tmp, _with_total(progress, specs))
+            os.rename(tmp, dest)
+        except BaseException:
+            _discard(tmp)
+            raise
+    commit.fsync_dir(os.path.dirname(dest))
+    return dest
+
+
+def export_hf(src: PathLike, dest_dir: PathLike, *, prefix: str | None = None,
+              max_shard_size: int = DEFAULT_MAX_SHARD,
+              progress: Progress | None = None) -> str:
+    """Write the tensors of checkpoint ``src`` as a Hugging Face style folder
+    ``dest_dir``: ``model.safetensors``, or ``model-0000k-of-0000n.safetensors``
+    files of at most ``max_shard_size`` bytes of tensors each (a larger tensor gets
+    a file of its own) plus ``model.safetensors.index.json``. The folder is built
+    in a temporary sibling and renamed into place when complete."""
+    if max_shard_size <= 0:
+        raise ValueError("max_shard_size must be > 0")
+    dest = _new_path(dest_dir)
+    with reader.CheckpointReader(src) as r:
+        specs = _specs(r, prefix)
+        groups = _group(specs, max_shard_size)
+        report = _with_total(progress, specs)
+        tmp = commit.sibling(dest, commit.TMP_TAG)
+        try:
+            os.mkdir(tmp, 0o755)
+            weight_map = {}
+            for k, group in enumerate(groups, 1):
+                name = SINGLE_FILE if len(groups) == 1 else (
+                    f"model-{k:05d}-of-{len(groups):05d}.safetensors")
+                _write_file(r, group, os.path.join(tmp, name), report)
+                weight_map.update(dict.fromkeys((key for key, *_ in group), name))
+            if len(groups) > 1:
+                total = sum(n for *_, n in specs)
+                _write_json(os.path.join(tmp, INDEX_FILE),
+                            {"metadata": {"total_size": total}, "weight_map": weight_map})
+            commit.fsync_dir(tmp)
+            if os.path.isdir(dest):
+                os.rmdir(dest)  # _new_path allowed only an empty one
+            os.rename(tmp, dest)
+        except BaseException:
+            _discard(tmp)
+            raise
+    commit.fsync_dir(os.path.dirname(dest))
+    return dest
+
+
+# (exported name, key path in the checkpoint, dtype, shape, bytes)
+Spec = tuple[str, str, torch.dtype, tuple[int, ...], int]
+
+
+def _specs(r: reader.CheckpointReader, prefix: str | None) -> list[Spec]:
+    """What to export, from the manifest alone, widest elements first so that every
+    tensor starts aligned to its element size (as safetensors' own writer does)."""
+    strip = f"{prefix.strip('/')}/" if prefix else ""
+    out = []
+    for key in r:
+        if not key.startswith(strip):
+            continue
+        dtype_name, shape = r.spec(key)
+        dtype = dtype_from_name(dtype_name)
+        if dtype not in ST_DTYPES:
+            raise CheckpointError(f"{key}: dtype {dtype_name} has no safetensors equivalent")
+        numel = 1
+        for d in shape:
+            numel *= d
+        out.append((key[len(strip):], key, dtype, shape, numel * dtype.itemsize))
+    if not out:
+        raise CheckpointError(f"{r.path}: no tensors" + (f" under {prefix!r}" if prefix else ""))
+    return sorted(out, key=lambda s: -s[2].itemsize)
+
+
+def _group(specs: list[Spec], limit: int) -> list[list[Spec]]:
+    groups: list[list[Spec]] = [[]]
+    size = 0
+    for s in specs:
+        if groups[-1] and size + s[4] > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(s)
+        size += s[4]
+    return groups
+
+
+def _with_total(progress: Progress | None, specs: list[Spec]) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    total = sum(n for *_, n in specs)
+    return lambda n: progress(n, total)
+
+
+def _write_file(r: reader.CheckpointReader, specs: list[Spec], path: str,
+                progress: Callable[[int], None] | None) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, _, dtype, shape, n in specs:
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    with open(path, "xb") as f:
+        f.write(encode_header(header))
+        for _, key, *_, n in specs:
+            t = r[key].contiguous()  # a view of shared storage becomes its own bytes
+            f.write(reader.tensor_bytes(t))
+            del t  # drop the mapping (or decoded copy) before reading the next tensor
+            if progress:
+                progress(n)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: str, doc: dict) -> None:
+    with open(path, "x") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _new_path(path: PathLike, allow_empty_dir: bool = True) -> str:
+    """``path`` made absolute, refusing to overwrite anything (but an empty directory
+    when ``allow_empty_dir``) and creating its parent."""
+    path = os.path.abspath(os.fspath(path))
+    empty_dir = allow_empty_dir and os.path.isdir(path) and not os.listdir(path)
+    if os.path.lexists(path) and not empty_dir:
+        raise CheckpointError(f"{path} already exists; not overwriting it")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def _discard(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)

@@ -14,7 +14,7 @@ import mmap as mmap_mod
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,6 +232,16 @@ class CheckpointReader:
             return self[key]
         except KeyError:
             return default
+
+    def spec(self, key: str) -> tuple[str, tuple[int, ...]]:
+        """Dtype name and shape of tensor ``key``, from the manifest alone."""
+        index = self._paths().get(key)
+        if index is None:
+            raise KeyError(f"{key!r} is not a tensor of {self.path}")
+        ref = self.manifest.ref(index)
+        entry = self.manifest.tensor(ref["tensor"])
+        view = ref.get("view")
+        return entry.dtype, tuple(view["shape"]) if view else entry.shape
 
     def saved_paths(self) -> dict[str, dict]:
         """Key path -> manifest reference, for every tensor in the saved tree."""
@@ -473,10 +483,12 @@ def _verify_shard(ckpt: str, m: mf.Manifest, index: int) -> list[str]:
         shard.close()
 
 
-def verify(path: Any, workers: int = 4) -> VerifyReport:
+def verify(path: Any, workers: int = 4,
+           progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Check a checkpoint against its manifest: every shard present, the right size,
     headers consistent, every checksum matching. Never raises for a damaged
-    checkpoint: the damage is listed in the report."""
+    checkpoint: the damage is listed in the report. ``progress(nbytes)`` is called
+    with each shard's size once it is checked."""
     ckpt = resolve(path)
     report = VerifyReport(ckpt)
     try:
@@ -489,6 +501,9 @@ def verify(path: Any, workers: int = 4) -> VerifyReport:
         return report
     report.nbytes = sum(s.size for s in m.shards)
     with cf.ThreadPoolExecutor(min(workers, max(1, len(m.shards)))) as pool:
-        for problems in pool.map(lambda i: _verify_shard(ckpt, m, i), range(len(m.shards))):
+        for i, problems in enumerate(pool.map(lambda i: _verify_shard(ckpt, m, i),
+                                              range(len(m.shards)))):
             report.problems.extend(problems)
+            if progress is not None:
+                progress(m.shards[i].size)
     return report
