@@ -140,6 +140,7 @@ class Checkpointer:
         self._lock = threading.Lock()  # one save() stages at a time
         self._handles: list[SaveHandle] = []
         self._closed = False
+        self._local = _Local()
 
     # -- saving -------------------------------------------------------------------
 
@@ -170,37 +171,43 @@ class Checkpointer:
         )
         with self._lock:
             self._check_open()
-            self._raise_unreported()
-            plan = make_plan(flatten(obj), shard_size or self.shard_size,
-                             None if level is None else codec.MIN_COMPRESS_BYTES)
-            meta_tree = flatten(dict(metadata or {}))
-            if meta_tree.tensors:
-                raise CheckpointError("metadata must not contain tensors")
-            commit.check_replaceable(path)
-            self._slots.acquire()
+            scope = self._local
             try:
-                opts = None if level is None else Compression(level, self._encoders)
-                tmp, futures = self._stage(plan, path, kind, opts)
-            except BaseException:
-                self._slots.release()
+                scope.start()
+                self._raise_unreported()
+                plan = scope.plan(obj, None, shard_size or self.shard_size,
+                                  None if level is None else codec.MIN_COMPRESS_BYTES)
+                meta_tree = flatten(dict(metadata or {}))
+                if meta_tree.tensors:
+                    raise CheckpointError("metadata must not contain tensors")
+                commit.check_replaceable(path)
+                tmp, futures = self._stage_bounded(scope, plan, path, kind, level)
+            except BaseException as e:
+                # A scope whose saves commit together hears of this one's failure.
+                self._committer.submit(scope.abandon, e)
                 raise
             stall = time.perf_counter() - t0
             fut = self._committer.submit(
-                self._finish, plan, futures, tmp, path, kind, meta_tree.tree, t0, stall
+                self._finish, scope, plan, futures, tmp, path, kind, meta_tree.tree, t0, stall
             )
             handle = SaveHandle(fut, path, stall)
             self._handles = [h for h in self._handles if not h.done() or not h.reported]
             self._handles.append(handle)
             return handle
 
-    def _stage(self, plan: Plan, path: str, kind: str | None,
-               opts: Compression | None) -> tuple[str, list]:
-        commit.recover(path)
-        tmp = commit.sibling(path, commit.TMP_TAG)
+    def _stage_bounded(self, scope: Any, plan: Plan, path: str, kind: str | None,
+                       level: int | None) -> tuple[str, list]:
+        self._slots.acquire()
         try:
-            os.mkdir(tmp, 0o755)
-        except OSError as e:
-            raise CheckpointWriteError(f"cannot create {tmp}: {e}") from e
+            opts = None if level is None else Compression(level, self._encoders)
+            tmp = scope.make_tmp(path)
+            return tmp, self._stage(scope, plan, tmp, kind, opts)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _stage(self, scope: Any, plan: Plan, tmp: str, kind: str | None,
+               opts: Compression | None) -> list:
         # When the whole state fits in the staging budget, writers start only once
         # staging is done: they would otherwise compete with the caller's copies for
         # CPU and memory bandwidth, lengthening the stall. A larger state must stream.
@@ -223,39 +230,32 @@ class Checkpointer:
                     q.put(None)
             self._stager.synchronize()
         except BaseException:
-            self._abort(queues, held, futures, tmp, defer)
+            self._abort(queues, held, futures, defer)
+            scope.discard(tmp)
             raise
         if defer:
             for q, blocks in zip(queues, held, strict=True):
                 for b in blocks:
                     q.put(b)
                 q.put(None)
-        return tmp, futures
+        return futures
 
-    def _abort(self, queues: list, held: list, futures: list, tmp: str, defer: bool) -> None:
+    def _abort(self, queues: list, held: list, futures: list, defer: bool) -> None:
         for b in (b for blocks in held for b in blocks):
             self._pool.release(b.buf)
         for q in queues[-1:] if not defer else queues:
             q.put(None)
         cf.wait(futures)
-        shutil.rmtree(tmp, ignore_errors=True)
 
-    def _finish(self, plan: Plan, futures: list, tmp: str, path: str, kind: str | None,
-                meta_tree: Any, t0: float, stall: float) -> SaveResult:
+    def _finish(self, scope: Any, plan: Plan, futures: list, tmp: str, path: str,
+                kind: str | None, meta_tree: Any, t0: float, stall: float) -> SaveResult:
         try:
             cf.wait(futures)  # every writer done before the directory may be removed
-            results = [f.result() for f in futures]
-            commit.commit(tmp, path, mf.encode(_manifest(plan, results, kind, meta_tree)))
-        except CheckpointError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointWriteError(f"committing {path} failed: {e}") from e
+            nbytes, shards, tensors = scope.commit(plan, futures, tmp, path, kind, meta_tree)
         finally:
             self._slots.release()
         total = time.perf_counter() - t0
-        return SaveResult(path, plan.nbytes, stall, total, len(plan.shards), len(plan.stored))
+        return SaveResult(path, nbytes, stall, total, shards, tensors)
 
     def _raise_unreported(self) -> None:
         for h in self._handles:
@@ -300,6 +300,53 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _Local:
+    """The scope of a save by this process alone: plan everything, write into a
+    private temporary sibling, commit it.
+
+    A scope decides who takes part in a save. The engine calls, on the caller's
+    thread, ``start()``, ``plan()``, ``make_tmp()`` (and ``discard(tmp)`` if staging
+    fails), then on the committer thread either ``commit()`` once the writers are
+    done, or ``abandon(error)`` for a save that failed before it got under way.
+    ``fastckpt.dist.Coordinator`` is the scope of saves made by several ranks.
+    """
+
+    def start(self) -> None:
+        """Nothing to count: a local save needs no commit round."""
+
+    def plan(self, obj: Any, per_rank: Any, shard_size: int, compress_min: int | None) -> Plan:
+        return make_plan(flatten(obj), shard_size, compress_min)
+
+    def make_tmp(self, path: str) -> str:
+        commit.recover(path)
+        tmp = commit.sibling(path, commit.TMP_TAG)
+        try:
+            os.mkdir(tmp, 0o755)
+        except OSError as e:
+            raise CheckpointWriteError(f"cannot create {tmp}: {e}") from e
+        return tmp
+
+    def discard(self, tmp: str) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def abandon(self, error: BaseException) -> None:
+        """Nothing to tell anyone when a save fails before it is under way."""
+
+    def commit(self, plan: Plan, futures: list, tmp: str, path: str, kind: str | None,
+               meta_tree: Any) -> tuple[int, int, int]:
+        """Write the manifest and move ``tmp`` into place; (bytes, shards, tensors)."""
+        try:
+            results = [f.result() for f in futures]
+            commit.commit(tmp, path, mf.encode(_manifest(plan, results, kind, meta_tree)))
+        except CheckpointError:
+            self.discard(tmp)
+            raise
+        except OSError as e:
+            self.discard(tmp)
+            raise CheckpointWriteError(f"committing {path} failed: {e}") from e
+        return plan.nbytes, len(plan.shards), len(plan.stored)
 
 
 def _manifest(plan: Plan, results: list[ShardResult], kind: str | None, meta_tree: Any) -> dict:
