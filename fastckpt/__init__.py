@@ -17,6 +17,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from . import dist
 from .checkpointer import Checkpointer, PathLike, SaveHandle, SaveResult
 from .errors import (
     CheckpointError,
@@ -46,6 +47,7 @@ __all__ = [
     "UnsupportedTypeError",
     "VerifyReport",
     "aload",
+    "dist",
     "load",
     "load_into",
     "native_available",
@@ -78,7 +80,10 @@ def save(obj: Any, path: PathLike, *, metadata: Mapping[str, Any] | None = None,
     scalars). Returns a :class:`SaveHandle` once every tensor is snapshotted; call
     ``.wait()`` for the durable :class:`SaveResult`. ``path`` becomes a directory of
     safetensors shards plus ``fastckpt.json``, replaced atomically if it exists.
-    ``options``: ``checksum``, ``shard_size`` (see :class:`Checkpointer`).
+    ``options``: ``checksum``, ``shard_size``, ``compression``, and under
+    ``torch.distributed`` ``per_rank`` and ``process_group`` (see
+    :meth:`Checkpointer.save` and docs/DISTRIBUTED.md: with a group, every rank
+    calls ``save``).
 
     Example::
 

@@ -17,7 +17,7 @@ from typing import Any, Union
 import psutil
 import torch
 
-from . import __version__, codec, commit, reader
+from . import __version__, codec, commit, dist, reader
 from . import manifest as mf
 from .checksum import check_kind
 from .errors import CheckpointError, CheckpointWriteError
@@ -100,6 +100,11 @@ class Checkpointer:
         compression: ``None`` (default) or ``"zstd"``: byte-grouped, chunked zstd of
             every tensor of at least 64 KiB, done by the background threads.
         compression_level: zstd level (default 1, the fastest that compresses best).
+        process_group: the ``torch.distributed`` group whose ranks save together
+            (default: the default group when torch.distributed is initialised with
+            more than one rank); ``False`` saves from this process alone.
+        collective_timeout: seconds a rank waits for the others to finish a save
+            before the save fails (and the checkpoint is not committed).
 
     Use as a context manager, or call :meth:`close` to wait for in-flight saves.
     """
@@ -115,6 +120,8 @@ class Checkpointer:
         pin_memory: bool | None = None,
         compression: str | None = None,
         compression_level: int | None = None,
+        process_group: Any = None,
+        collective_timeout: float = 1800.0,
     ) -> None:
         if shard_size <= 0 or max_inflight < 1:
             raise ValueError("shard_size must be > 0 and max_inflight >= 1")
@@ -140,7 +147,9 @@ class Checkpointer:
         self._lock = threading.Lock()  # one save() stages at a time
         self._handles: list[SaveHandle] = []
         self._closed = False
+        self.process_group, self.collective_timeout = process_group, collective_timeout
         self._local = _Local()
+        self._scopes: dict[Any, Any] = {}
 
     # -- saving -------------------------------------------------------------------
 
@@ -154,6 +163,8 @@ class Checkpointer:
         shard_size: int | None = None,
         compression: str | None = _UNSET,
         compression_level: int | None = None,
+        per_rank: Any = None,
+        process_group: Any = _UNSET,
     ) -> SaveHandle:
         """Snapshot ``obj`` and write it to ``path`` in the background.
 
@@ -161,6 +172,11 @@ class Checkpointer:
         Raises :class:`UnsupportedTypeError` for values that cannot be stored
         without pickle (nothing is written), and any earlier background failure not
         yet seen through its handle.
+
+        Under ``torch.distributed`` (see :mod:`fastckpt.dist` and docs/DISTRIBUTED.md)
+        every rank of ``process_group`` calls ``save``: ``obj`` is the state that is
+        identical on every rank (written once, split across the ranks), ``per_rank``
+        this rank's own state; the checkpoint commits once, when all ranks are done.
         """
         t0 = time.perf_counter()
         path = os.path.abspath(os.fspath(path))
@@ -169,13 +185,14 @@ class Checkpointer:
             self.compression if compression is _UNSET else compression,
             self.compression_level if compression_level is None else compression_level,
         )
+        group = self.process_group if process_group is _UNSET else process_group
         with self._lock:
             self._check_open()
-            scope = self._local
+            scope = self._scope(group, per_rank)
             try:
                 scope.start()
                 self._raise_unreported()
-                plan = scope.plan(obj, None, shard_size or self.shard_size,
+                plan = scope.plan(obj, per_rank, shard_size or self.shard_size,
                                   None if level is None else codec.MIN_COMPRESS_BYTES)
                 meta_tree = flatten(dict(metadata or {}))
                 if meta_tree.tensors:
@@ -183,7 +200,8 @@ class Checkpointer:
                 commit.check_replaceable(path)
                 tmp, futures = self._stage_bounded(scope, plan, path, kind, level)
             except BaseException as e:
-                # A scope whose saves commit together hears of this one's failure.
+                # Every save takes part in its commit round, so that ranks stay in step
+                # even when only some of them fail here.
                 self._committer.submit(scope.abandon, e)
                 raise
             stall = time.perf_counter() - t0
@@ -194,6 +212,17 @@ class Checkpointer:
             self._handles = [h for h in self._handles if not h.done() or not h.reported]
             self._handles.append(handle)
             return handle
+
+    def _scope(self, group: Any, per_rank: Any) -> Any:
+        """Who takes part in a save: this process alone, or the ranks of a group."""
+        if group is None:
+            group = dist.default_group()
+        if (group is None or group is False) and per_rank is None:
+            return self._local
+        key = None if group is False else group
+        if key not in self._scopes:
+            self._scopes[key] = dist.Coordinator(key, self.collective_timeout)
+        return self._scopes[key]
 
     def _stage_bounded(self, scope: Any, plan: Plan, path: str, kind: str | None,
                        level: int | None) -> tuple[str, list]:
