@@ -213,6 +213,25 @@ class Checkpointer:
             self._handles.append(handle)
             return handle
 
+    def write(self, plan: Plan, directory: str, *, checksum: str | None = _UNSET,
+              compression: str | None = _UNSET, compression_level: int | None = None
+              ) -> list[cf.Future[ShardResult]]:
+        """Stage ``plan``'s tensors and write its shards into ``directory`` on the
+        background writers, returning once staged (one future per shard).
+
+        For a caller that coordinates its own commit (the storage plugin of
+        ``torch.distributed.checkpoint``): nothing is committed here.
+        """
+        kind = self.checksum if checksum is _UNSET else check_kind(checksum)
+        level = _check_compression(
+            self.compression if compression is _UNSET else compression,
+            self.compression_level if compression_level is None else compression_level,
+        )
+        opts = None if level is None else Compression(level, self._encoders)
+        with self._lock:
+            self._check_open()
+            return self._stage(plan, directory, kind, opts)
+
     def _scope(self, group: Any, per_rank: Any) -> Any:
         """Who takes part in a save: this process alone, or the ranks of a group."""
         if group is None:
@@ -230,12 +249,17 @@ class Checkpointer:
         try:
             opts = None if level is None else Compression(level, self._encoders)
             tmp = scope.make_tmp(path)
-            return tmp, self._stage(scope, plan, tmp, kind, opts)
         except BaseException:
             self._slots.release()
             raise
+        try:
+            return tmp, self._stage(plan, tmp, kind, opts)
+        except BaseException:
+            scope.discard(tmp)
+            self._slots.release()
+            raise
 
-    def _stage(self, scope: Any, plan: Plan, tmp: str, kind: str | None,
+    def _stage(self, plan: Plan, tmp: str, kind: str | None,
                opts: Compression | None) -> list:
         # When the whole state fits in the staging budget, writers start only once
         # staging is done: they would otherwise compete with the caller's copies for
@@ -260,7 +284,6 @@ class Checkpointer:
             self._stager.synchronize()
         except BaseException:
             self._abort(queues, held, futures, defer)
-            scope.discard(tmp)
             raise
         if defer:
             for q, blocks in zip(queues, held, strict=True):
