@@ -153,6 +153,21 @@ def scenario_dtensor(rank, world, d):
     assert torch.equal(target["w"].full_tensor(), full)
     assert torch.equal(target["r"].to_local(), full[0])
 
+    # The same through torch.distributed.checkpoint with fastckpt as its storage.
+    import torch.distributed.checkpoint as dcp
+
+    from fastckpt.dcp import Reader, Writer
+
+    path = os.path.join(d, "dcp")
+    with Writer(path, shard_size=64) as w:
+        dcp.save({**state, "step": 3}, storage_writer=w)
+        dcp.async_save({**state, "step": 4}, storage_writer=w).result()
+    target = {"w": distribute_tensor(torch.zeros(8, 5), mesh, [Shard(1)]),
+              "r": distribute_tensor(torch.zeros(5), mesh, [Replicate()]), "step": 0}
+    dcp.load(target, storage_reader=Reader(path, verify=True))
+    assert torch.equal(target["w"].full_tensor(), full) and target["step"] == 4
+    assert torch.equal(target["r"].to_local(), full[0])
+
 
 def main():
     scenario, rank, world, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

@@ -98,9 +98,14 @@ def test_rank_killed_mid_save(tmp_path, victim):
     assert not [e for e in os.listdir(tmp_path) if "fastckpt" in e]
 
 
-def test_dtensor_save_and_reshard(tmp_path):
+def test_dtensor_save_and_reshard_native_and_dcp(tmp_path):
     pytest.importorskip("torch.distributed.tensor", reason="DTensor needs torch.distributed")
     check(launch("dtensor", 2, tmp_path))
+    full = torch.arange(8 * 5, dtype=torch.float32).reshape(8, 5)
+    for name in ("dt", "dcp"):  # both load whole in one process
+        assert fastckpt.verify(tmp_path / name).ok
+        out = fastckpt.load(tmp_path / name)
+        assert torch.equal(out["w"], full) and torch.equal(out["r"], full[0])
 
 
 # -- single process ---------------------------------------------------------------------
