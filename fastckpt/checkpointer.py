@@ -17,7 +17,7 @@ from typing import Any, Union
 import psutil
 import torch
 
-from . import __version__, codec, commit, dist, reader
+from . import codec, commit, dist, reader
 from . import manifest as mf
 from .checksum import check_kind
 from .errors import CheckpointError, CheckpointWriteError
@@ -405,18 +405,9 @@ def _manifest(plan: Plan, results: list[ShardResult], kind: str | None, meta_tre
     written: dict[str, dict] = {}
     for r in results:
         written.update(r.tensors)
-    return {
-        "format": mf.FORMAT_NAME,
-        "format_version": mf.FORMAT_VERSION,
-        "created": time.time(),
-        "library": {"fastckpt": __version__, "torch": torch.__version__},
-        "checksum": kind,
-        "shards": [{"file": r.file, "size": r.size, "checksum": r.checksum} for r in results],
-        "tensors": {s.name: manifest_tensor(s, written[s.name]) for s in plan.stored},
-        "refs": plan.refs,
-        "tree": plan.flat.tree,
-        "metadata": meta_tree,
-    }
+    shards = [{"file": r.file, "size": r.size, "checksum": r.checksum} for r in results]
+    tensors = {s.name: manifest_tensor(s, written[s.name]) for s in plan.stored}
+    return mf.document(kind, shards, tensors, plan.refs, plan.flat.tree, meta_tree)
 
 
 def _check_compression(name: str | None, level: int | None) -> int | None:

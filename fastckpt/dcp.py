@@ -31,7 +31,6 @@ import io
 import math
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -58,7 +57,7 @@ from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import __version__, codec, commit
+from . import codec, commit
 from . import manifest as mf
 from .checkpointer import Checkpointer
 from .errors import CheckpointError, UnsupportedTypeError
@@ -228,13 +227,8 @@ def _manifest(md: Metadata, results: list[WriteResult], kind: str | None
             pairs.append([key, {"$tensor": len(refs)}])
             refs.append(ref)
     md.storage_data = names
-    doc = {
-        "format": mf.FORMAT_NAME, "format_version": mf.FORMAT_VERSION,
-        "created": time.time(), "library": {"fastckpt": __version__, "torch": torch.__version__},
-        "checksum": kind, "shards": shards, "tensors": tensors, "refs": refs,
-        "tree": {"$dict": pairs}, "metadata": flatten({METADATA_KEY: encode_metadata(md)}).tree,
-    }
-    return doc, renames
+    meta = flatten({METADATA_KEY: encode_metadata(md)}).tree
+    return mf.document(kind, shards, tensors, refs, {"$dict": pairs}, meta), renames
 
 
 def _refs(fqn: str, item: Any, names: dict) -> list[tuple[str, dict]]:

@@ -26,7 +26,6 @@ import datetime
 import heapq
 import os
 import shutil
-import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 import xxhash
 
-from . import __version__, commit
+from . import commit
 from . import manifest as mf
 from .errors import CheckpointError, CheckpointWriteError, UnsupportedTypeError
 from .plan import (
@@ -454,12 +453,7 @@ def merge(reports: list, plan: RankPlan, kind: str | None, meta_tree: Any
     for rep in reports:
         ranks.append(_shift(rep["rank_tree"], len(refs)))
         refs.extend(rep["rank_refs"])
-    doc = {
-        "format": mf.FORMAT_NAME, "format_version": mf.FORMAT_VERSION,
-        "created": time.time(), "library": {"fastckpt": __version__, "torch": torch.__version__},
-        "checksum": kind, "shards": shards, "tensors": tensors, "refs": refs,
-        "tree": plan.flat.tree, "metadata": meta_tree, "ranks": ranks,
-    }
+    doc = mf.document(kind, shards, tensors, refs, plan.flat.tree, meta_tree, ranks=ranks)
     return doc, renames
 
 

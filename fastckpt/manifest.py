@@ -11,13 +11,15 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
+import torch
 
-from . import codec
+from . import __version__, codec
 from .checksum import KINDS
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
 from .tree import dtype_from_name, unflatten
@@ -154,6 +156,18 @@ class Manifest:
     def disk_bytes(self) -> int:
         """Bytes of tensor data on disk (compressed tensors count their payload)."""
         return sum(t.stop - t.start for t in self.tensors.values())
+
+
+def document(checksum: str | None, shards: list[dict], tensors: dict, refs: list, tree: Any,
+             metadata: Any, **extra: Any) -> dict:
+    """A manifest document (docs/FORMAT.md) stamped with the format, this writer's
+    library versions and the time; ``extra`` adds optional fields (``ranks``)."""
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created": time.time(),
+        "library": {"fastckpt": __version__, "torch": torch.__version__},
+        "checksum": checksum, "shards": shards, "tensors": tensors, "refs": refs,
+        "tree": tree, "metadata": metadata, **extra,
+    }
 
 
 def encode(doc: dict) -> bytes:
