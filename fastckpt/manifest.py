@@ -29,7 +29,8 @@ FORMAT_NAME = "fastckpt"
 FORMAT_VERSION = 1
 # A manifest larger than this is not one we wrote; refuse before reading it into memory.
 MAX_MANIFEST_BYTES = 1 << 30
-_SHARD_FILE = re.compile(r"^shard-\d{5,}-of-\d{5,}\.safetensors$")
+# fastckpt's shard names, and the Hugging Face ones (fastckpt.integrations.hf).
+_SHARD_FILE = re.compile(r"^(shard|model)-\d{5,}-of-\d{5,}\.safetensors$|^model\.safetensors$")
 
 
 @dataclass(frozen=True)

@@ -185,9 +185,11 @@ class CheckpointReader:
     """
 
     def __init__(self, path: Any, mmap: bool = True, verify: bool = False,
-                 workers: int = 4) -> None:
+                 workers: int = 4, manifest: mf.Manifest | None = None) -> None:
         self.path = resolve(path)
-        self.manifest = mf.read(self.path, lazy=True)
+        # A manifest may be given for a directory of safetensors files without one
+        # (built from their headers, e.g. a Hugging Face model folder).
+        self.manifest = manifest or mf.read(self.path, lazy=True)
         if verify and self.manifest.checksum is None:
             raise CheckpointError(f"{self.path}: saved without checksums; cannot verify")
         self.mmap, self.verify, self.workers = mmap, verify, workers

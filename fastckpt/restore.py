@@ -9,6 +9,7 @@ intermediate copy of the state is ever held in RAM.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +59,8 @@ def _expand(target: Any) -> Any:
 def load_into(path: Any, target: Any, strict: bool = True, verify: bool = False,
               workers: int = 4, regions: dict[str, tuple[list[int], list[int]]] | None = None
               ) -> LoadReport:
-    """Restore the checkpoint at ``path`` into ``target`` in place.
+    """Restore the checkpoint at ``path`` (or open in a :class:`CheckpointReader`)
+    into ``target`` in place.
 
     ``target`` mirrors the saved object: an ``nn.Module`` stands for its state dict,
     an optimizer for its ``state_dict()``, dicts and lists for themselves, e.g.
@@ -77,7 +79,9 @@ def load_into(path: Any, target: Any, strict: bool = True, verify: bool = False,
     :func:`fastckpt.dist.load_into`, which fills sharded tensors this way).
     """
     regions = regions or {}
-    with CheckpointReader(path, mmap=True, verify=verify, workers=workers) as reader:
+    opened = (contextlib.nullcontext(path) if isinstance(path, CheckpointReader)
+              else CheckpointReader(path, mmap=True, verify=verify, workers=workers))
+    with opened as reader:
         flat = flatten(_expand(target))
         live = dict(zip(flat.paths, flat.tensors, strict=True))
         lazy = [prefix + "/state/" for prefix, _ in _optimizers(target, "")]
