@@ -214,10 +214,13 @@ class Checkpointer:
             return handle
 
     def write(self, plan: Plan, directory: str, *, checksum: str | None = _UNSET,
-              compression: str | None = _UNSET, compression_level: int | None = None
-              ) -> list[cf.Future[ShardResult]]:
+              compression: str | None = _UNSET, compression_level: int | None = None,
+              stream: bool = False) -> list[cf.Future[ShardResult]]:
         """Stage ``plan``'s tensors and write its shards into ``directory`` on the
         background writers, returning once staged (one future per shard).
+        ``stream=True`` starts writing while staging, for a caller that waits for the
+        writes anyway (otherwise writes start after staging when the state fits the
+        staging budget, to keep the caller's copy fast).
 
         For a caller that coordinates its own commit (the storage plugin of
         ``torch.distributed.checkpoint``): nothing is committed here.
@@ -230,7 +233,7 @@ class Checkpointer:
         opts = None if level is None else Compression(level, self._encoders)
         with self._lock:
             self._check_open()
-            return self._stage(plan, directory, kind, opts)
+            return self._stage(plan, directory, kind, opts, stream=stream)
 
     def _scope(self, group: Any, per_rank: Any) -> Any:
         """Who takes part in a save: this process alone, or the ranks of a group."""
@@ -259,12 +262,13 @@ class Checkpointer:
             self._slots.release()
             raise
 
-    def _stage(self, plan: Plan, tmp: str, kind: str | None,
-               opts: Compression | None) -> list:
+    def _stage(self, plan: Plan, tmp: str, kind: str | None, opts: Compression | None,
+               stream: bool = False) -> list:
         # When the whole state fits in the staging budget, writers start only once
         # staging is done: they would otherwise compete with the caller's copies for
-        # CPU and memory bandwidth, lengthening the stall. A larger state must stream.
-        defer = self._pool.fits(plan.shards)
+        # CPU and memory bandwidth, lengthening the stall. A larger state must stream,
+        # and so does a caller that waits for the writes anyway (``stream``).
+        defer = not stream and self._pool.fits(plan.shards)
         futures: list[cf.Future[ShardResult]] = []
         queues: list[queue.Queue] = []
         held: list[list] = []

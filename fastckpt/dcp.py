@@ -145,7 +145,9 @@ class Writer(StorageWriter, BlockingAsyncStager):
         if stored:
             shards = assign_shards(stored, self._engine.shard_size,
                                    lambda k, n: f"rank{target.rank:05d}-{k:05d}.part")
-        futures = self._engine.write(Plan(Flat(None), stored, [], shards), target.directory)
+        # DCP waits for write_data to finish: copies and writes may as well overlap.
+        futures = self._engine.write(Plan(Flat(None), stored, [], shards), target.directory,
+                                     stream=True)
         cf.wait(futures)
         written = {}
         for shard, f in zip(shards, futures, strict=True):
