@@ -32,7 +32,6 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -65,7 +64,9 @@ from .plan import Plan, Stored, assign_shards, manifest_tensor, mark_compressed,
 from .reader import CheckpointReader
 from .tree import Flat, dtype_from_name, dtype_name, flatten, unflatten
 
-METADATA_KEY = "dcp"
+__all__ = ["Reader", "Writer", "decode_metadata", "encode_metadata"]
+
+METADATA_KEY = "dcp"  # where the manifest's metadata holds DCP's metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,6 +403,3 @@ class Reader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
-
-
-__all__: Sequence[str] = ["Reader", "Writer", "decode_metadata", "encode_metadata"]
