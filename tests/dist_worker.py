@@ -50,8 +50,14 @@ def expect_failure(handle, *words):
 def scenario_save2(rank, world, d):
     path = os.path.join(d, "ckpt")
     mine = {"rng": torch.full((3,), float(rank)), "pos": rank * 10}
-    # The default group is used without naming it.
-    fastckpt.save(state(rank, world), path, per_rank=mine, metadata={"step": 1}).wait(60)
+    # The default group is used without naming it; while the commit runs in the
+    # background, the caller's own collectives on that group go on undisturbed.
+    h = fastckpt.save(state(rank, world), path, per_rank=mine, metadata={"step": 1})
+    for i in range(5):
+        x = torch.tensor([float(rank + i)])
+        dist.all_reduce(x)
+        assert x.item() == sum(r + i for r in range(world))
+    h.wait(60)
 
     with fastckpt.Checkpointer(collective_timeout=TIMEOUT, shard_size=1024) as c:
         # One rank's write fails: every rank's save fails, the checkpoint stays.
