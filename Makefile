@@ -13,7 +13,7 @@ $(VENV)/.ready: pyproject.toml setup.py $(wildcard native/*.cpp)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,hf,lightning]"
 	touch $@
 
 env: $(VENV)/.ready

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from . import dist
 from .catalog import CheckpointInfo
 from .checkpointer import Checkpointer, PathLike, SaveHandle, SaveResult
 from .convert import import_torch
@@ -65,6 +66,7 @@ __all__ = [
     "VerifyReport",
     "aload",
     "import_torch",
+    "dist",
     "load",
     "load_into",
     "native_available",
@@ -97,7 +99,10 @@ def save(obj: Any, path: PathLike, *, metadata: Mapping[str, Any] | None = None,
     scalars). Returns a :class:`SaveHandle` once every tensor is snapshotted; call
     ``.wait()`` for the durable :class:`SaveResult`. ``path`` becomes a directory of
     safetensors shards plus ``fastckpt.json``, replaced atomically if it exists.
-    ``options``: ``checksum``, ``shard_size`` (see :class:`Checkpointer`).
+    ``options``: ``checksum``, ``shard_size``, ``compression``, and under
+    ``torch.distributed`` ``per_rank`` and ``process_group`` (see
+    :meth:`Checkpointer.save` and docs/DISTRIBUTED.md: with a group, every rank
+    calls ``save``).
 
     Example::
 

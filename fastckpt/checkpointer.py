@@ -17,7 +17,7 @@ from typing import Any, Union
 import psutil
 import torch
 
-from . import __version__, codec, commit, reader
+from . import codec, commit, dist, reader
 from . import manifest as mf
 from .checksum import check_kind
 from .errors import CheckpointError, CheckpointWriteError
@@ -109,6 +109,11 @@ class Checkpointer:
         compression: ``None`` (default) or ``"zstd"``: byte-grouped, chunked zstd of
             every tensor of at least 64 KiB, done by the background threads.
         compression_level: zstd level (default 1, the fastest that compresses best).
+        process_group: the ``torch.distributed`` group whose ranks save together
+            (default: the default group when torch.distributed is initialised with
+            more than one rank); ``False`` saves from this process alone.
+        collective_timeout: seconds a rank waits for the others to finish a save
+            before the save fails (and the checkpoint is not committed).
 
     Use as a context manager, or call :meth:`close` to wait for in-flight saves.
     """
@@ -124,6 +129,8 @@ class Checkpointer:
         pin_memory: bool | None = None,
         compression: str | None = None,
         compression_level: int | None = None,
+        process_group: Any = None,
+        collective_timeout: float = 1800.0,
     ) -> None:
         if shard_size <= 0 or max_inflight < 1:
             raise ValueError("shard_size must be > 0 and max_inflight >= 1")
@@ -149,6 +156,9 @@ class Checkpointer:
         self._lock = threading.Lock()  # one save() stages at a time
         self._handles: list[SaveHandle] = []
         self._closed = False
+        self.process_group, self.collective_timeout = process_group, collective_timeout
+        self._local = _Local()
+        self._scopes: dict[Any, Any] = {}
 
     # -- saving -------------------------------------------------------------------
 
@@ -162,6 +172,8 @@ class Checkpointer:
         shard_size: int | None = None,
         compression: str | None = _UNSET,
         compression_level: int | None = None,
+        per_rank: Any = None,
+        process_group: Any = _UNSET,
     ) -> SaveHandle:
         """Snapshot ``obj`` and write it to ``path`` in the background.
 
@@ -169,6 +181,11 @@ class Checkpointer:
         Raises :class:`UnsupportedTypeError` for values that cannot be stored
         without pickle (nothing is written), and any earlier background failure not
         yet seen through its handle.
+
+        Under ``torch.distributed`` (see :mod:`fastckpt.dist` and docs/DISTRIBUTED.md)
+        every rank of ``process_group`` calls ``save``: ``obj`` is the state that is
+        identical on every rank (written once, split across the ranks), ``per_rank``
+        this rank's own state; the checkpoint commits once, when all ranks are done.
         """
         t0 = time.perf_counter()
         path = os.path.abspath(os.fspath(path))
@@ -177,43 +194,90 @@ class Checkpointer:
             self.compression if compression is _UNSET else compression,
             self.compression_level if compression_level is None else compression_level,
         )
+        group = self.process_group if process_group is _UNSET else process_group
         with self._lock:
             self._check_open()
-            self._raise_unreported()
-            plan = make_plan(flatten(obj), shard_size or self.shard_size,
-                             None if level is None else codec.MIN_COMPRESS_BYTES)
-            meta_tree = flatten(dict(metadata or {}))
-            if meta_tree.tensors:
-                raise CheckpointError("metadata must not contain tensors")
-            commit.check_replaceable(path)
-            self._slots.acquire()
+            scope = self._scope(group, per_rank)
             try:
-                opts = None if level is None else Compression(level, self._encoders)
-                tmp, futures = self._stage(plan, path, kind, opts)
-            except BaseException:
-                self._slots.release()
+                scope.start()
+                self._raise_unreported()
+                plan = scope.plan(obj, per_rank, shard_size or self.shard_size,
+                                  None if level is None else codec.MIN_COMPRESS_BYTES)
+                meta_tree = flatten(dict(metadata or {}))
+                if meta_tree.tensors:
+                    raise CheckpointError("metadata must not contain tensors")
+                commit.check_replaceable(path)
+                tmp, futures = self._stage_bounded(scope, plan, path, kind, level)
+            except BaseException as e:
+                # Every save takes part in its commit round, so that ranks stay in step
+                # even when only some of them fail here.
+                self._committer.submit(scope.abandon, e)
                 raise
             stall = time.perf_counter() - t0
             fut = self._committer.submit(
-                self._finish, plan, futures, tmp, path, kind, meta_tree.tree, t0, stall
+                self._finish, scope, plan, futures, tmp, path, kind, meta_tree.tree, t0, stall
             )
             handle = SaveHandle(fut, path, stall)
             self._handles = [h for h in self._handles if not h.done() or not h.reported]
             self._handles.append(handle)
             return handle
 
-    def _stage(self, plan: Plan, path: str, kind: str | None,
-               opts: Compression | None) -> tuple[str, list]:
-        commit.recover(path)
-        tmp = commit.sibling(path, commit.TMP_TAG)
+    def write(self, plan: Plan, directory: str, *, checksum: str | None = _UNSET,
+              compression: str | None = _UNSET, compression_level: int | None = None,
+              stream: bool = False) -> list[cf.Future[ShardResult]]:
+        """Stage ``plan``'s tensors and write its shards into ``directory`` on the
+        background writers, returning once staged (one future per shard).
+        ``stream=True`` starts writing while staging, for a caller that waits for the
+        writes anyway (otherwise writes start after staging when the state fits the
+        staging budget, to keep the caller's copy fast).
+
+        For a caller that coordinates its own commit (the storage plugin of
+        ``torch.distributed.checkpoint``): nothing is committed here.
+        """
+        kind = self.checksum if checksum is _UNSET else check_kind(checksum)
+        level = _check_compression(
+            self.compression if compression is _UNSET else compression,
+            self.compression_level if compression_level is None else compression_level,
+        )
+        opts = None if level is None else Compression(level, self._encoders)
+        with self._lock:
+            self._check_open()
+            return self._stage(plan, directory, kind, opts, stream=stream)
+
+    def _scope(self, group: Any, per_rank: Any) -> Any:
+        """Who takes part in a save: this process alone, or the ranks of a group."""
+        if group is None:
+            group = dist.default_group()
+        if (group is None or group is False) and per_rank is None:
+            return self._local
+        key = None if group is False else group
+        if key not in self._scopes:
+            self._scopes[key] = dist.Coordinator(key, self.collective_timeout)
+        return self._scopes[key]
+
+    def _stage_bounded(self, scope: Any, plan: Plan, path: str, kind: str | None,
+                       level: int | None) -> tuple[str, list]:
+        self._slots.acquire()
         try:
-            os.mkdir(tmp, 0o755)
-        except OSError as e:
-            raise CheckpointWriteError(f"cannot create {tmp}: {e}") from e
+            opts = None if level is None else Compression(level, self._encoders)
+            tmp = scope.make_tmp(path)
+        except BaseException:
+            self._slots.release()
+            raise
+        try:
+            return tmp, self._stage(plan, tmp, kind, opts)
+        except BaseException:
+            scope.discard(tmp)
+            self._slots.release()
+            raise
+
+    def _stage(self, plan: Plan, tmp: str, kind: str | None, opts: Compression | None,
+               stream: bool = False) -> list:
         # When the whole state fits in the staging budget, writers start only once
         # staging is done: they would otherwise compete with the caller's copies for
-        # CPU and memory bandwidth, lengthening the stall. A larger state must stream.
-        defer = self._pool.fits(plan.shards)
+        # CPU and memory bandwidth, lengthening the stall. A larger state must stream,
+        # and so does a caller that waits for the writes anyway (``stream``).
+        defer = not stream and self._pool.fits(plan.shards)
         futures: list[cf.Future[ShardResult]] = []
         queues: list[queue.Queue] = []
         held: list[list] = []
@@ -232,39 +296,31 @@ class Checkpointer:
                     q.put(None)
             self._stager.synchronize()
         except BaseException:
-            self._abort(queues, held, futures, tmp, defer)
+            self._abort(queues, held, futures, defer)
             raise
         if defer:
             for q, blocks in zip(queues, held, strict=True):
                 for b in blocks:
                     q.put(b)
                 q.put(None)
-        return tmp, futures
+        return futures
 
-    def _abort(self, queues: list, held: list, futures: list, tmp: str, defer: bool) -> None:
+    def _abort(self, queues: list, held: list, futures: list, defer: bool) -> None:
         for b in (b for blocks in held for b in blocks):
             self._pool.release(b.buf)
         for q in queues[-1:] if not defer else queues:
             q.put(None)
         cf.wait(futures)
-        shutil.rmtree(tmp, ignore_errors=True)
 
-    def _finish(self, plan: Plan, futures: list, tmp: str, path: str, kind: str | None,
-                meta_tree: Any, t0: float, stall: float) -> SaveResult:
+    def _finish(self, scope: Any, plan: Plan, futures: list, tmp: str, path: str,
+                kind: str | None, meta_tree: Any, t0: float, stall: float) -> SaveResult:
         try:
             cf.wait(futures)  # every writer done before the directory may be removed
-            results = [f.result() for f in futures]
-            commit.commit(tmp, path, mf.encode(_manifest(plan, results, kind, meta_tree)))
-        except CheckpointError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointWriteError(f"committing {path} failed: {e}") from e
+            nbytes, shards, tensors = scope.commit(plan, futures, tmp, path, kind, meta_tree)
         finally:
             self._slots.release()
         total = time.perf_counter() - t0
-        return SaveResult(path, plan.nbytes, stall, total, len(plan.shards), len(plan.stored))
+        return SaveResult(path, nbytes, stall, total, shards, tensors)
 
     def _raise_unreported(self) -> None:
         for h in self._handles:
@@ -311,22 +367,60 @@ class Checkpointer:
         self.close()
 
 
+class _Local:
+    """The scope of a save by this process alone: plan everything, write into a
+    private temporary sibling, commit it.
+
+    A scope decides who takes part in a save. The engine calls, on the caller's
+    thread, ``start()``, ``plan()``, ``make_tmp()`` (and ``discard(tmp)`` if staging
+    fails), then on the committer thread either ``commit()`` once the writers are
+    done, or ``abandon(error)`` for a save that failed before it got under way.
+    ``fastckpt.dist.Coordinator`` is the scope of saves made by several ranks.
+    """
+
+    def start(self) -> None:
+        """Nothing to count: a local save needs no commit round."""
+
+    def plan(self, obj: Any, per_rank: Any, shard_size: int, compress_min: int | None) -> Plan:
+        return make_plan(flatten(obj), shard_size, compress_min)
+
+    def make_tmp(self, path: str) -> str:
+        commit.recover(path)
+        tmp = commit.sibling(path, commit.TMP_TAG)
+        try:
+            os.mkdir(tmp, 0o755)
+        except OSError as e:
+            raise CheckpointWriteError(f"cannot create {tmp}: {e}") from e
+        return tmp
+
+    def discard(self, tmp: str) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def abandon(self, error: BaseException) -> None:
+        """Nothing to tell anyone when a save fails before it is under way."""
+
+    def commit(self, plan: Plan, futures: list, tmp: str, path: str, kind: str | None,
+               meta_tree: Any) -> tuple[int, int, int]:
+        """Write the manifest and move ``tmp`` into place; (bytes, shards, tensors)."""
+        try:
+            results = [f.result() for f in futures]
+            commit.commit(tmp, path, mf.encode(_manifest(plan, results, kind, meta_tree)))
+        except CheckpointError:
+            self.discard(tmp)
+            raise
+        except OSError as e:
+            self.discard(tmp)
+            raise CheckpointWriteError(f"committing {path} failed: {e}") from e
+        return plan.nbytes, len(plan.shards), len(plan.stored)
+
+
 def _manifest(plan: Plan, results: list[ShardResult], kind: str | None, meta_tree: Any) -> dict:
     written: dict[str, dict] = {}
     for r in results:
         written.update(r.tensors)
-    return {
-        "format": mf.FORMAT_NAME,
-        "format_version": mf.FORMAT_VERSION,
-        "created": time.time(),
-        "library": {"fastckpt": __version__, "torch": torch.__version__},
-        "checksum": kind,
-        "shards": [{"file": r.file, "size": r.size, "checksum": r.checksum} for r in results],
-        "tensors": {s.name: manifest_tensor(s, written[s.name]) for s in plan.stored},
-        "refs": plan.refs,
-        "tree": plan.flat.tree,
-        "metadata": meta_tree,
-    }
+    shards = [{"file": r.file, "size": r.size, "checksum": r.checksum} for r in results]
+    tensors = {s.name: manifest_tensor(s, written[s.name]) for s in plan.stored}
+    return mf.document(kind, shards, tensors, plan.refs, plan.flat.tree, meta_tree)
 
 
 def _check_compression(name: str | None, level: int | None) -> int | None:

@@ -8,17 +8,20 @@ docs/FORMAT.md for the schema.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 import torch
 
-from . import codec
+from . import __version__, codec
 from .checksum import KINDS
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
 from .plan import ST_DTYPES
@@ -34,7 +37,8 @@ FORMAT_VERSION = 1
 MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
 # A manifest larger than this is not one we wrote; refuse before reading it into memory.
 MAX_MANIFEST_BYTES = 1 << 30
-_SHARD_FILE = re.compile(r"^shard-\d{5,}-of-\d{5,}\.safetensors$")
+# fastckpt's shard names, and the Hugging Face ones (fastckpt.integrations.hf).
+_SHARD_FILE = re.compile(r"^(shard|model)-\d{5,}-of-\d{5,}\.safetensors$|^model\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class Manifest:
     tree: Any
     metadata: dict
     raw: dict
+    ranks: list | None = None  # per-rank trees of a multi-rank save (docs/DISTRIBUTED.md)
     _tensor_docs: dict = field(repr=False, default_factory=dict)
     _ref_docs: list = field(repr=False, default_factory=list)
     _tensors: dict[str, TensorEntry] = field(repr=False, default_factory=dict)
@@ -162,6 +167,18 @@ class Manifest:
         return sum(t.stop - t.start for t in self.tensors.values())
 
 
+def document(checksum: str | None, shards: list[dict], tensors: dict, refs: list, tree: Any,
+             metadata: Any, **extra: Any) -> dict:
+    """A manifest document (docs/FORMAT.md) stamped with the format, this writer's
+    library versions and the time; ``extra`` adds optional fields (``ranks``)."""
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created": time.time(),
+        "library": {"fastckpt": __version__, "torch": torch.__version__},
+        "checksum": checksum, "shards": shards, "tensors": tensors, "refs": refs,
+        "tree": tree, "metadata": metadata, **extra,
+    }
+
+
 def encode(doc: dict) -> bytes:
     """Serialise a manifest document (strict JSON: no NaN literals)."""
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
@@ -231,7 +248,10 @@ def _parse(doc: Any, lazy: bool) -> Manifest:
     _require(isinstance(tensors_doc, dict), "tensors is not an object")
     metadata = unflatten(doc.get("metadata", {"$dict": []}), _no_tensor)
     _require(isinstance(metadata, dict), "metadata is not an object")
-    m = Manifest(kind, shards, doc.get("tree"), metadata, doc, tensors_doc, _list(doc, "refs"))
+    ranks = doc.get("ranks")
+    _require(ranks is None or isinstance(ranks, list), "ranks is not a list")
+    m = Manifest(kind, shards, doc.get("tree"), metadata, doc, ranks, tensors_doc,
+                 _list(doc, "refs"))
     if not lazy:
         m.validate()
     return m
@@ -336,6 +356,9 @@ def _device_ok(name: str) -> bool:
 
 
 def _ref(r: Any, m: Manifest) -> None:
+    if isinstance(r, dict) and "pieces" in r:
+        _pieces_ref(r, m)
+        return
     _require(isinstance(r, dict) and isinstance(r.get("tensor"), str)
              and r["tensor"] in m._tensor_docs, f"bad tensor reference {r!r}")
     base = m.tensor(r["tensor"])
@@ -360,3 +383,50 @@ def _ref(r: Any, m: Manifest) -> None:
     steps = sum((d - 1) * s for d, s in zip(shape, stride, strict=True))
     extent = off + steps + 1 if all(shape) else 0
     _require(extent <= numel, f"view {view!r} reaches past its base {base.name!r}")
+
+
+def _pieces_ref(r: dict, m: Manifest) -> None:
+    """A tensor saved in pieces (by several ranks): each piece is a stored tensor of the
+    same dtype placed at ``offset``; together they must tile the whole shape exactly,
+    so assembling it leaves no byte unwritten."""
+    shape, pieces = r.get("shape"), r.get("pieces")
+    _require(isinstance(r.get("path"), str), f"bad key path in {r.get('path')!r}")
+    _require(isinstance(shape, list) and all(_nat(d) for d in shape), f"bad shape in {r['path']!r}")
+    try:
+        dtype_from_name(r.get("dtype"))
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{r['path']!r}: {e}") from None
+    _require(isinstance(pieces, list), f"bad pieces of {r['path']!r}")
+    boxes = []
+    for p in pieces:
+        ok = isinstance(p, dict) and isinstance(p.get("tensor"), str) \
+            and p["tensor"] in m._tensor_docs and isinstance(p.get("offset"), list) \
+            and len(p["offset"]) == len(shape) and all(_nat(o) for o in p["offset"])
+        _require(ok, f"bad piece {p!r} of {r['path']!r}")
+        t = m.tensor(p["tensor"])
+        _require(t.dtype == r["dtype"] and len(t.shape) == len(shape)
+                 and all(o + n <= d for o, n, d in zip(p["offset"], t.shape, shape, strict=True)),
+                 f"piece {p['tensor']!r} does not fit {r['path']!r}")
+        boxes.append((p["offset"], t.shape))
+    _require(tiles(boxes, shape), f"the pieces of {r['path']!r} do not tile its shape")
+
+
+def tiles(boxes: list[tuple[list[int], tuple[int, ...]]], shape: list[int]) -> bool:
+    """Whether boxes (offset, shape), each inside ``shape``, cover it exactly: their
+    volumes add up to it and no two overlap."""
+    boxes = [(o, n) for o, n in boxes if math.prod(n)]
+    if sum(math.prod(n) for _, n in boxes) != math.prod(shape):
+        return False
+    if len(boxes) < 2:
+        return True
+    lo = np.array([o for o, _ in boxes], dtype=np.int64)
+    hi = lo + np.array([n for _, n in boxes], dtype=np.int64)
+    split = [d for d in range(len(shape)) if (lo[:, d] != lo[0, d]).any()
+             or (hi[:, d] != hi[0, d]).any()]
+    if len(split) == 1:  # the usual case, pieces along one dimension: sort, compare neighbours
+        order = np.argsort(lo[:, split[0]])
+        return bool((hi[order[:-1], split[0]] <= lo[order[1:], split[0]]).all())
+    # Boxes overlap when their ranges overlap in every dimension.
+    overlap = ((lo[:, None, :] < hi[None, :, :]) & (lo[None, :, :] < hi[:, None, :])).all(-1)
+    np.fill_diagonal(overlap, False)
+    return not overlap.any()

@@ -4,6 +4,7 @@ out each shard's safetensors header, all before a single byte is copied."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,12 +89,16 @@ class Plan:
 def make_plan(flat: Flat, shard_size: int, compress_min: int | None = None) -> Plan:
     """Dedupe shared storage, then pack stored tensors into shards of ~``shard_size``;
     with ``compress_min``, tensors of at least that many bytes are to be compressed."""
-    stored, refs = _dedupe(flat)
+    stored, refs = dedupe(flat)
+    mark_compressed(stored, compress_min)
+    return Plan(flat, stored, refs, assign_shards(stored, shard_size))
+
+
+def mark_compressed(stored: list[Stored], compress_min: int | None) -> None:
+    """Mark the tensors of at least ``compress_min`` bytes for compression (none if None)."""
     if compress_min is not None:
         for s in stored:
             s.compress = s.nbytes >= compress_min
-    shards = _assign_shards(stored, shard_size)
-    return Plan(flat, stored, refs, shards)
 
 
 def _check(t: torch.Tensor, path: str) -> None:
@@ -110,7 +115,9 @@ def _storage_key(t: torch.Tensor) -> Any:
     return (t.device, ptr) if ptr else None
 
 
-def _dedupe(flat: Flat) -> tuple[list[Stored], list[dict]]:
+def dedupe(flat: Flat) -> tuple[list[Stored], list[dict]]:
+    """The tensors to store (storage shared by several tensors once, named after the
+    first key path using it) and, per tensor of ``flat``, its manifest reference."""
     groups: dict[Any, list[int]] = {}
     for i, (t, p) in enumerate(zip(flat.tensors, flat.paths, strict=True)):
         _check(t, p)
@@ -174,7 +181,12 @@ def _extent(t: torch.Tensor) -> int:
     return sum((d - 1) * s for d, s in zip(t.shape, t.stride(), strict=True)) + 1
 
 
-def _assign_shards(stored: list[Stored], shard_size: int) -> list[ShardPlan]:
+def assign_shards(stored: list[Stored], shard_size: int,
+                  name: Callable[[int, int], str] | None = None) -> list[ShardPlan]:
+    """Pack ``stored`` in order into shards of about ``shard_size`` bytes and lay out
+    their headers; ``name(k, n)`` names shard ``k`` of ``n`` (default
+    :func:`shard_file_name`)."""
+    name = name or shard_file_name
     bins: list[list[Stored]] = [[]]
     used = 0
     for s in stored:
@@ -184,7 +196,7 @@ def _assign_shards(stored: list[Stored], shard_size: int) -> list[ShardPlan]:
         bins[-1].append(s)
         used += s.nbytes
     n = len(bins)
-    shards = [ShardPlan(k, shard_file_name(k, n)) for k in range(n)]
+    shards = [ShardPlan(k, name(k, n)) for k in range(n)]
     for shard, members in zip(shards, bins, strict=True):
         _layout_shard(shard, members)
     return shards

@@ -26,7 +26,7 @@ from . import manifest as mf
 from .commit import OLD_TAG, _leftovers, is_checkpoint
 from .errors import CheckpointError, CorruptCheckpointError
 from .plan import ST_DTYPES
-from .tree import unflatten
+from .tree import dtype_from_name, unflatten
 
 MAX_HEADER_BYTES = 100 << 20
 
@@ -190,9 +190,11 @@ class CheckpointReader:
     """
 
     def __init__(self, path: Any, mmap: bool = True, verify: bool = False,
-                 workers: int = 4) -> None:
+                 workers: int = 4, manifest: mf.Manifest | None = None) -> None:
         self.path = resolve(path)
-        self.manifest = mf.read(self.path, lazy=True)
+        # A manifest may be given for a directory of safetensors files without one
+        # (built from their headers, e.g. a Hugging Face model folder).
+        self.manifest = manifest or mf.read(self.path, lazy=True)
         if verify and self.manifest.checksum is None:
             raise CheckpointError(f"{self.path}: saved without checksums; cannot verify")
         self.mmap, self.verify, self.workers = mmap, verify, workers
@@ -221,11 +223,54 @@ class CheckpointReader:
         return key in self._paths()
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        return self._ref_tensor(self._ref_of(key))
+
+    def _ref_of(self, key: str) -> dict:
         index = self._paths().get(key)
         if index is None:
             raise KeyError(f"{key!r} is not a tensor of {self.path}")
-        ref = self.manifest.ref(index)
+        return self.manifest.ref(index)
+
+    def _ref_tensor(self, ref: dict) -> torch.Tensor:
+        if "pieces" in ref:
+            out = torch.empty(ref["shape"], dtype=dtype_from_name(ref["dtype"]))
+            self._read_box(ref, [0] * out.dim(), out)
+            return out
         return _apply_view(self.stored(ref["tensor"]), ref)
+
+    def read_slice(self, key: str, offsets: list[int], out: torch.Tensor) -> None:
+        """Fill ``out`` with the block of saved tensor ``key`` that starts at ``offsets``
+        (one per dimension) and has ``out``'s shape, reading only the pieces (and, when
+        mapped, the pages) it covers. This is how a tensor saved by some number of
+        ranks is loaded resharded onto another."""
+        ref = self._ref_of(key)
+        if "pieces" in ref:
+            self._read_box(ref, offsets, out)
+        else:
+            copy_box(self._ref_tensor(ref), [0] * out.dim(), out, offsets)
+
+    def _read_box(self, ref: dict, offsets: list[int], out: torch.Tensor) -> None:
+        for piece in ref["pieces"]:
+            shape = self.manifest.tensor(piece["tensor"]).shape
+            if _intersects(piece["offset"], shape, offsets, out.shape):
+                copy_box(self.stored(piece["tensor"]), piece["offset"], out, offsets)
+
+    @property
+    def world_size(self) -> int | None:
+        """How many ranks saved the checkpoint (None: a single-process save)."""
+        return None if self.manifest.ranks is None else len(self.manifest.ranks)
+
+    def rank_state(self, rank: int) -> Any:
+        """The ``per_rank`` state saved by ``rank`` (docs/DISTRIBUTED.md)."""
+        ranks = self.manifest.ranks
+        if ranks is None or not 0 <= rank < len(ranks):
+            raise KeyError(f"{self.path} holds no state of rank {rank}")
+
+        def tensor(index: int, tag: str) -> Any:
+            t = self._ref_tensor(self.manifest.ref(index))
+            return t.numpy() if tag == "$ndarray" else t
+
+        return unflatten(ranks[rank], tensor)
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -372,7 +417,10 @@ class CheckpointReader:
     def _resolver(self, stored: dict[str, torch.Tensor]):
         def tensor(index: int, tag: str) -> Any:
             ref = self.manifest.ref(index)
-            t = _apply_view(stored[ref["tensor"]], ref)
+            if "pieces" in ref:
+                t = _assemble(ref, stored)
+            else:
+                t = _apply_view(stored[ref["tensor"]], ref)
             return t.cpu().numpy() if tag == "$ndarray" else t
 
         return tensor
@@ -398,6 +446,33 @@ def _apply_view(base: torch.Tensor, ref: dict) -> torch.Tensor:
     if view is None:
         return base
     return base.as_strided(view["shape"], view["stride"], base.storage_offset() + view["offset"])
+
+
+def _assemble(ref: dict, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The whole tensor of a pieces reference, from its loaded pieces."""
+    parts = [(stored[p["tensor"]], p["offset"]) for p in ref["pieces"]]
+    device = parts[0][0].device if parts else "cpu"
+    out = torch.empty(ref["shape"], dtype=dtype_from_name(ref["dtype"]), device=device)
+    for t, offset in parts:
+        copy_box(t, offset, out, [0] * out.dim())
+    return out
+
+
+def _intersects(a_off: list[int], a_shape: Any, b_off: list[int], b_shape: Any) -> bool:
+    return all(max(a, b) < min(a + n, b + m)
+               for a, n, b, m in zip(a_off, a_shape, b_off, b_shape, strict=True))
+
+
+def copy_box(src: torch.Tensor, src_off: list[int], out: torch.Tensor, out_off: list[int]
+             ) -> None:
+    """Copy where two blocks of one global tensor overlap: ``src`` lies at ``src_off``,
+    ``out`` at ``out_off`` (both in the global tensor's coordinates)."""
+    for d, (a, n, b, m) in enumerate(zip(src_off, src.shape, out_off, out.shape, strict=True)):
+        lo, hi = max(a, b), min(a + n, b + m)
+        if lo >= hi:
+            return
+        src, out = src.narrow(d, lo - a, hi - lo), out.narrow(d, lo - b, hi - lo)
+    out.copy_(src)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -9,6 +9,7 @@ intermediate copy of the state is ever held in RAM.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +57,10 @@ def _expand(target: Any) -> Any:
 
 
 def load_into(path: Any, target: Any, strict: bool = True, verify: bool = False,
-              workers: int = 4) -> LoadReport:
-    """Restore the checkpoint at ``path`` into ``target`` in place.
+              workers: int = 4, regions: dict[str, tuple[list[int], list[int]]] | None = None
+              ) -> LoadReport:
+    """Restore the checkpoint at ``path`` (or open in a :class:`CheckpointReader`)
+    into ``target`` in place.
 
     ``target`` mirrors the saved object: an ``nn.Module`` stands for its state dict,
     an optimizer for its ``state_dict()``, dicts and lists for themselves, e.g.
@@ -70,22 +73,29 @@ def load_into(path: Any, target: Any, strict: bool = True, verify: bool = False,
     With ``strict=True`` any missing, unexpected or mismatched (shape/dtype) key
     raises :class:`CheckpointError` listing them, before anything is modified;
     with ``strict=False`` the matching keys are loaded and the report lists the rest.
+
+    ``regions`` maps key paths whose live tensor holds only a block of the saved one
+    to ``(offsets, global_shape)``: that block is read (see
+    :func:`fastckpt.dist.load_into`, which fills sharded tensors this way).
     """
-    with CheckpointReader(path, mmap=True, verify=verify, workers=workers) as reader:
+    regions = regions or {}
+    opened = (contextlib.nullcontext(path) if isinstance(path, CheckpointReader)
+              else CheckpointReader(path, mmap=True, verify=verify, workers=workers))
+    with opened as reader:
         flat = flatten(_expand(target))
         live = dict(zip(flat.paths, flat.tensors, strict=True))
         lazy = [prefix + "/state/" for prefix, _ in _optimizers(target, "")]
-        report, plan = _match(reader, live, lazy)
+        report, plan = _match(reader, live, lazy, regions)
         if strict and not report.ok:
             raise CheckpointError(f"{reader.path}: checkpoint does not fit the target: {report}")
-        _fill(reader, plan, workers)
+        _fill(reader, plan, workers, regions)
         report.loaded = len(plan)
         _load_optimizers(reader, target, {p: dst for p, _, dst in plan})
     return report
 
 
-def _match(reader: CheckpointReader, live: dict[str, torch.Tensor],
-           lazy: list[str]) -> tuple[LoadReport, list]:
+def _match(reader: CheckpointReader, live: dict[str, torch.Tensor], lazy: list[str],
+           regions: dict) -> tuple[LoadReport, list]:
     """Pair live tensors with saved ones. Saved optimizer state under a ``lazy``
     prefix that the live optimizer has not created yet (it was never stepped) is
     not unexpected: ``load_state_dict`` creates it."""
@@ -97,9 +107,10 @@ def _match(reader: CheckpointReader, live: dict[str, torch.Tensor],
             report.missing.append(p)
             continue
         shape, dtype = _saved_shape(reader.manifest, ref)
-        if shape != tuple(dst.shape) or dtype != dst.dtype:
+        want = tuple(regions[p][1]) if p in regions else tuple(dst.shape)
+        if shape != want or dtype != dst.dtype:
             report.mismatched.append(
-                f"{p} (checkpoint {_fmt(dtype, shape)}, target {_fmt(dst.dtype, dst.shape)})"
+                f"{p} (checkpoint {_fmt(dtype, shape)}, target {_fmt(dst.dtype, want)})"
             )
             continue
         plan.append((p, ref, dst))
@@ -113,18 +124,23 @@ def _fmt(dtype: torch.dtype, shape: Any) -> str:
 
 
 def _saved_shape(m: mf.Manifest, ref: dict) -> tuple[tuple[int, ...], torch.dtype]:
+    if "pieces" in ref:
+        return tuple(ref["shape"]), dtype_from_name(ref["dtype"])
     entry = m.tensor(ref["tensor"])
     view = ref.get("view")
     return tuple(view["shape"] if view else entry.shape), dtype_from_name(entry.dtype)
 
 
-def _fill(reader: CheckpointReader, plan: list, workers: int) -> None:
+def _fill(reader: CheckpointReader, plan: list, workers: int, regions: dict) -> None:
     with torch.no_grad(), cf.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda job: _fill_one(reader, *job), plan))
+        list(pool.map(lambda job: _fill_one(reader, *job, regions.get(job[0])), plan))
 
 
-def _fill_one(reader: CheckpointReader, path: str, ref: dict, dst: torch.Tensor) -> None:
-    if ref.get("view") is None and dst.device.type == "cpu" and dst.is_contiguous():
+def _fill_one(reader: CheckpointReader, path: str, ref: dict, dst: torch.Tensor,
+              region: tuple | None) -> None:
+    if region is not None or "pieces" in ref:  # block by block, no whole copy in between
+        reader.read_slice(path, list(region[0]) if region else [0] * dst.dim(), dst)
+    elif ref.get("view") is None and dst.device.type == "cpu" and dst.is_contiguous():
         reader.read_into(ref["tensor"], dst)  # straight from the file into the live tensor
     elif dst.device.type == "cuda" and dst.is_contiguous():
         h2d_into(reader[path], dst)

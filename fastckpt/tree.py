@@ -59,7 +59,9 @@ class Flat:
     paths: list[str] = field(default_factory=list)
 
 
-def _path(parent: str, key: Any) -> str:
+def key_path(parent: str, key: Any) -> str:
+    """The key path of ``key`` under ``parent`` (``"model"`` + ``"fc.weight"`` ->
+    ``"model/fc.weight"``), as recorded in manifest references."""
     return f"{parent}/{key}" if parent else str(key)
 
 
@@ -93,13 +95,14 @@ class _Flattener:
             return self.tensor(_ndarray_to_tensor(v, path), path, "$ndarray")
         if isinstance(v, dict):
             tag = "$odict" if isinstance(v, OrderedDict) else "$dict"
-            return {tag: [[self.key(k, path), self.value(x, _path(path, k))] for k, x in v.items()]}
+            return {tag: [[self.key(k, path), self.value(x, key_path(path, k))]
+                          for k, x in v.items()]}
         if isinstance(v, torch.Size):
             return {"$size": list(v)}
         if isinstance(v, tuple):
-            return {"$tuple": [self.value(x, _path(path, i)) for i, x in enumerate(v)]}
+            return {"$tuple": [self.value(x, key_path(path, i)) for i, x in enumerate(v)]}
         if isinstance(v, list):
-            return [self.value(x, _path(path, i)) for i, x in enumerate(v)]
+            return [self.value(x, key_path(path, i)) for i, x in enumerate(v)]
         if isinstance(v, (bytes, bytearray)):
             return {"$bytes": _b64(bytes(v))}
         if isinstance(v, torch.dtype):

@@ -1,0 +1,2 @@
+"""Integrations with other libraries; each module imports its library only when used:
+``hf`` (Hugging Face transformers), ``lightning`` (PyTorch Lightning)."""
