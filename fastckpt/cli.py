@@ -26,11 +26,12 @@ from numbers import Real
 from typing import Any
 
 from . import __version__, commit, convert, reader
-from . import checksum as ck
 from . import manifest as mf
+from .catalog import CheckpointInfo, read_info
 from .errors import CheckpointError, CheckpointNotFoundError
 
 KEEP_TAG = "keep"  # checkpoints tagged so are never pruned
+Entry = CheckpointInfo  # one committed checkpoint under a root
 _STEP_IN_NAME = re.compile(r"(\d+)$")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6, "mb": 10**6,
           "mib": 1 << 20, "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12, "tb": 10**12,
@@ -113,45 +114,14 @@ def progress_bar(total: int | None, desc: str, enabled: bool = True) -> Iterator
 # -- ls / gc: the checkpoints under a root ---------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One committed checkpoint under a root (the fields of a manager listing)."""
-
-    step: int | None
-    path: str
-    time: float
-    metrics: dict[str, Any]
-    tags: tuple[str, ...]
-    description: str
-    size: int
-    checksum: str | None
-    is_best: bool = False
-    is_latest: bool = False
-
-
 def _read_entry(path: str) -> Entry:
-    """Describe a checkpoint from its manifest: step, metrics, tags and description
-    come from its metadata (where a training loop or manager put them), the step
-    otherwise from a trailing number in the directory name."""
-    m = mf.read(path, lazy=True)
-    md = m.metadata
-    step = md.get("step")
-    if type(step) is not int:
-        found = _STEP_IN_NAME.search(os.path.basename(path))
-        step = int(found.group(1)) if found else None
-    metrics, tags = md.get("metrics"), md.get("tags")
-    digests = "".join(s.checksum or "" for s in m.shards)
-    stamp = md.get("time", m.raw.get("created", 0.0))
-    return Entry(
-        step=step,
-        path=path,
-        time=float(stamp) if isinstance(stamp, Real) else 0.0,
-        metrics=dict(metrics) if isinstance(metrics, dict) else {},
-        tags=tuple(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else (),
-        description=str(md.get("description", "")),
-        size=sum(s.size for s in m.shards) + os.path.getsize(os.path.join(path, mf.MANIFEST_NAME)),
-        checksum=ck.digest(m.checksum, digests.encode()) if m.checksum else None,
-    )
+    """Describe a checkpoint from its manifest; a checkpoint whose metadata holds no
+    step takes it from a trailing number in the directory name."""
+    found = _STEP_IN_NAME.search(os.path.basename(path))
+    info = read_info(path)
+    if info.step is None and found:
+        info = dataclasses.replace(info, step=int(found.group(1)))
+    return info
 
 
 def _metric(e: Entry, name: str) -> float | None:
