@@ -63,6 +63,21 @@ def engine():
         yield c
 
 
+def edit_manifest(path, fn):
+    """Rewrite a checkpoint's manifest through ``fn(doc)``, as an attacker or a bad
+    disk might."""
+    import json
+
+    from fastckpt.manifest import MANIFEST_NAME
+
+    m = os.path.join(path, MANIFEST_NAME)
+    with open(m) as f:
+        doc = json.load(f)
+    fn(doc)
+    with open(m, "w") as f:
+        json.dump(doc, f)
+
+
 def bits(t):
     """A tensor's raw bytes, so that equality is bitwise (NaN == NaN, -0.0 != 0.0)."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)

@@ -4,7 +4,6 @@ edited manifests are all reported by ``verify`` and refused by ``load(verify=Tru
 Flips are made in place and undone, so thousands of them cost one checkpoint.
 """
 
-import json
 import os
 import pathlib
 import random
@@ -12,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_same
+from conftest import assert_same, edit_manifest
 
 import fastckpt
 from fastckpt.errors import CorruptCheckpointError
@@ -198,15 +197,6 @@ def test_swapped_equal_size_shards(fresh, figures):
     expect_refused(path, figures, "swapped_shards")
     with pytest.raises(CorruptCheckpointError, match="disagree"):
         fastckpt.load(path, verify=False)  # the headers name other tensors
-
-
-def edit_manifest(path, fn):
-    m = os.path.join(path, MANIFEST_NAME)
-    with open(m) as f:
-        doc = json.load(f)
-    fn(doc)
-    with open(m, "w") as f:
-        json.dump(doc, f)
 
 
 def _zero_digest(entry):

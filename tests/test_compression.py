@@ -2,16 +2,14 @@
 valid safetensors, and damage to payloads or chunk tables caught by key."""
 
 import glob
-import json
 import os
 
 import pytest
 import safetensors.torch
 import torch
-from conftest import assert_same
+from conftest import assert_same, edit_manifest
 
 import fastckpt
-from fastckpt.manifest import MANIFEST_NAME
 
 
 def weights():
@@ -99,15 +97,6 @@ def test_corrupt_payload_names_the_key(saved):
         fastckpt.load(path)
 
 
-def _edit(path, fn):
-    p = os.path.join(path, MANIFEST_NAME)
-    with open(p) as f:
-        doc = json.load(f)
-    fn(doc)
-    with open(p, "w") as f:
-        json.dump(doc, f)
-
-
 @pytest.mark.parametrize("edit", [
     lambda c: c["chunks"][0].update(raw=c["chunks"][0]["raw"] + 4),
     lambda c: c["chunks"][0].update(enc=c["chunks"][0]["enc"] - 1),
@@ -117,14 +106,14 @@ def _edit(path, fn):
 ], ids=["raw+4", "enc-1", "extra-chunk", "bomb", "unknown-codec"])
 def test_lying_chunk_table(saved, edit):
     path, _, _ = saved
-    _edit(path, lambda d: edit(d["tensors"]["zeros"]["codec"]))
+    edit_manifest(path, lambda d: edit(d["tensors"]["zeros"]["codec"]))
     with pytest.raises(fastckpt.CorruptCheckpointError, match="zeros"):
         fastckpt.load(path)
 
 
 def test_wrong_decoded_checksum_is_caught(saved):
     path, _, _ = saved
-    _edit(path, lambda d: d["tensors"]["ids"].update(raw_checksum="0" * 16))
+    edit_manifest(path, lambda d: d["tensors"]["ids"].update(raw_checksum="0" * 16))
     with pytest.raises(fastckpt.CorruptCheckpointError, match="decoded checksum mismatch.*ids"):
         fastckpt.load(path)
 

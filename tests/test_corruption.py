@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import edit_manifest
 
 import fastckpt
 from fastckpt.manifest import MANIFEST_NAME
@@ -115,15 +116,6 @@ def test_zeroed_range(saved):
     expect_damage(path, "checksum mismatch")
 
 
-def _edit_manifest(path, fn):
-    p = os.path.join(path, MANIFEST_NAME)
-    with open(p) as f:
-        doc = json.load(f)
-    fn(doc)
-    with open(p, "w") as f:
-        json.dump(doc, f)
-
-
 def test_manifest_not_json(saved):
     path, _ = saved
     with open(os.path.join(path, MANIFEST_NAME), "w") as f:
@@ -151,7 +143,7 @@ def test_manifest_not_json(saved):
 )
 def test_lying_manifest(saved, edit, match):
     path, _ = saved
-    _edit_manifest(path, edit)
+    edit_manifest(path, edit)
     with pytest.raises(fastckpt.CorruptCheckpointError, match=match):
         fastckpt.load(path)
 
@@ -185,7 +177,7 @@ def test_absurd_header_length(saved):
 
 def test_newer_format_version(saved):
     path, _ = saved
-    _edit_manifest(path, lambda d: d.update(format_version=99))
+    edit_manifest(path, lambda d: d.update(format_version=99))
     with pytest.raises(fastckpt.IncompatibleCheckpointError, match="99"):
         fastckpt.load(path)
 
