@@ -404,7 +404,7 @@ class _Local:
         """Write the manifest and move ``tmp`` into place; (bytes, shards, tensors)."""
         try:
             results = [f.result() for f in futures]
-            commit.commit(tmp, path, mf.encode(_manifest(plan, results, kind, meta_tree)))
+            commit.commit(tmp, path, _manifest(plan, results, kind, meta_tree))
         except CheckpointError:
             self.discard(tmp)
             raise

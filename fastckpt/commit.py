@@ -19,7 +19,7 @@ import uuid
 import psutil
 
 from .errors import CheckpointError
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, seal
 from .writer import write_all
 
 TMP_TAG = ".fastckpt-tmp-"
@@ -110,9 +110,10 @@ def check_replaceable(path: str) -> None:
     raise CheckpointError(f"{path} exists and is not a directory; not replacing it")
 
 
-def commit(tmp: str, path: str, manifest: bytes) -> None:
-    """Write the manifest into ``tmp`` and make it ``path`` atomically and durably."""
-    write_file_durably(os.path.join(tmp, MANIFEST_NAME), manifest)
+def commit(tmp: str, path: str, doc: dict) -> None:
+    """Write the manifest document ``doc`` into ``tmp`` and make it ``path`` atomically
+    and durably."""
+    write_file_durably(os.path.join(tmp, MANIFEST_NAME), seal(doc))
     fsync_dir(tmp)
     publish(tmp, path)
 
@@ -127,12 +128,22 @@ def publish(tmp: str, path: str) -> None:
     elif _exchange(tmp, path):
         shutil.rmtree(tmp)  # now holds the previous checkpoint
     else:
-        old = sibling(path, OLD_TAG)
-        os.rename(path, old)
-        os.rename(tmp, path)
-        fsync_dir(parent)
-        shutil.rmtree(old)
+        _replace_by_two_renames(tmp, path, parent)
     fsync_dir(parent)
+
+
+def _replace_by_two_renames(tmp: str, path: str, parent: str) -> None:
+    old = sibling(path, OLD_TAG)
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        # Put the previous checkpoint back under its own name: a failed save must
+        # leave it where load() looks. recover() covers a crash at this point.
+        os.rename(old, path)
+        raise
+    fsync_dir(parent)
+    shutil.rmtree(old)
 
 
 def _exchange(a: str, b: str) -> bool:

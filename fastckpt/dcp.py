@@ -169,7 +169,7 @@ class Writer(StorageWriter, BlockingAsyncStager):
                                  self._engine.checksum)
         for a, b in renames:
             os.rename(os.path.join(self._tmp, a), os.path.join(self._tmp, b))
-        commit.commit(self._tmp, self.path, mf.encode(doc))
+        commit.commit(self._tmp, self.path, doc)
         self._tmp = None
 
     @classmethod

@@ -415,7 +415,7 @@ def _decide(reports: list, plan: RankPlan, tmp: str, path: str, kind: str | None
         mf.parse(doc)  # the merged manifest must be one a reader accepts
         for a, b in renames:
             os.rename(os.path.join(tmp, a), os.path.join(tmp, b))
-        commit.commit(tmp, path, mf.encode(doc))
+        commit.commit(tmp, path, doc)
     except Exception as e:  # noqa: BLE001 - every rank gets it
         return _refuse(reports, f"committing {path} failed: {e}")
     totals = (sum(rep["nbytes"] for rep in reports), len(doc["shards"]), len(doc["tensors"]))

@@ -22,6 +22,7 @@ import orjson
 import torch
 
 from . import __version__, codec
+from . import checksum as ck
 from .checksum import KINDS
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
 from .plan import ST_DTYPES
@@ -184,6 +185,33 @@ def encode(doc: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+# A manifest with checksums opens with its own digest, over every byte after it.
+_SEAL = b'{"manifest_checksum":"'
+
+
+def seal(doc: dict) -> bytes:
+    """The manifest file's bytes: ``doc`` encoded and, unless checksums are off, led by
+    ``manifest_checksum``, the digest of the rest of the file. Shard and tensor digests
+    cover the data; this one covers the tree, references, metadata and those digests."""
+    body = encode(doc)
+    kind = doc["checksum"]
+    if kind is None:
+        return body
+    return _SEAL + ck.digest(kind, body[1:]).encode("ascii") + b'",' + body[1:]
+
+
+def _check_seal(data: bytes, doc: dict) -> None:
+    kind, want = doc.get("checksum"), doc.get("manifest_checksum")
+    if kind is None or kind not in KINDS:
+        _require(want is None, "manifest_checksum without a checksum kind")
+        return  # a bad kind is refused by the parser with its own message
+    _require(isinstance(want, str), "manifest_checksum missing")
+    head = _SEAL + want.encode("utf-8", "replace") + b'",'
+    _require(data.startswith(head), "manifest_checksum is not the manifest's first field")
+    _require(ck.digest(kind, memoryview(data)[len(head):]) == want,
+             "manifest checksum mismatch: the manifest is damaged")
+
+
 def read(ckpt_dir: str, lazy: bool = False) -> Manifest:
     """Read and validate ``ckpt_dir``'s manifest, raising a ``CheckpointError`` subclass
     (``lazy``: leave tensor entries and references to be validated on use)."""
@@ -214,6 +242,8 @@ def read(ckpt_dir: str, lazy: bool = False) -> Manifest:
     except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: manifest is not valid JSON ({e})") from e
     try:
+        if isinstance(doc, dict):
+            _check_seal(data, doc)
         return parse(doc, lazy)
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"{path}: {e}") from e

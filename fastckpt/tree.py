@@ -65,9 +65,15 @@ def key_path(parent: str, key: Any) -> str:
     return f"{parent}/{key}" if parent else str(key)
 
 
+# Containers nested deeper than this are refused at save time: each level costs the
+# JSON tree three levels and the loader stack frames, and a state that saves must load.
+MAX_DEPTH = 100
+
+
 class _Flattener:
     def __init__(self) -> None:
         self.flat = Flat(tree=None)
+        self.depth = 0
 
     def tensor(self, t: torch.Tensor, path: str, tag: str) -> dict:
         self.flat.tensors.append(t)
@@ -93,16 +99,10 @@ class _Flattener:
             return self.tensor(v.detach(), path, "$tensor")
         if isinstance(v, np.ndarray):
             return self.tensor(_ndarray_to_tensor(v, path), path, "$ndarray")
-        if isinstance(v, dict):
-            tag = "$odict" if isinstance(v, OrderedDict) else "$dict"
-            return {tag: [[self.key(k, path), self.value(x, key_path(path, k))]
-                          for k, x in v.items()]}
         if isinstance(v, torch.Size):
             return {"$size": list(v)}
-        if isinstance(v, tuple):
-            return {"$tuple": [self.value(x, key_path(path, i)) for i, x in enumerate(v)]}
-        if isinstance(v, list):
-            return [self.value(x, key_path(path, i)) for i, x in enumerate(v)]
+        if isinstance(v, (dict, tuple, list)):
+            return self.container(v, path)
         if isinstance(v, (bytes, bytearray)):
             return {"$bytes": _b64(bytes(v))}
         if isinstance(v, torch.dtype):
@@ -113,6 +113,22 @@ class _Flattener:
             f"cannot checkpoint value of type {type(v).__qualname__} at {path or '<root>'!r}"
             " (fastckpt stores tensors and plain data only, never pickle)"
         )
+
+
+    def container(self, v: dict | tuple | list, path: str) -> Any:
+        if self.depth == MAX_DEPTH:
+            raise UnsupportedTypeError(
+                f"containers nested more than {MAX_DEPTH} deep at {path or '<root>'!r}")
+        self.depth += 1
+        try:
+            if isinstance(v, dict):
+                tag = "$odict" if isinstance(v, OrderedDict) else "$dict"
+                return {tag: [[self.key(k, path), self.value(x, key_path(path, k))]
+                              for k, x in v.items()]}
+            items = [self.value(x, key_path(path, i)) for i, x in enumerate(v)]
+            return {"$tuple": items} if isinstance(v, tuple) else items
+        finally:
+            self.depth -= 1
 
 
 def _ndarray_to_tensor(a: np.ndarray, path: str) -> torch.Tensor:

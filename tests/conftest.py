@@ -63,19 +63,44 @@ def engine():
         yield c
 
 
-def edit_manifest(path, fn):
-    """Rewrite a checkpoint's manifest through ``fn(doc)``, as an attacker or a bad
-    disk might."""
+def sealed_manifest(doc, reseal=True):
+    """A manifest document as file bytes. ``reseal``: with a fresh ``manifest_checksum``,
+    as a hostile or buggy writer would make it, so that the parser's own checks must
+    catch what is wrong; otherwise the bytes stand for damage on disk."""
+    import json
+
+    from fastckpt.checksum import KINDS
+    from fastckpt.manifest import seal
+
+    if reseal and isinstance(doc, dict):
+        doc = {k: v for k, v in doc.items() if k != "manifest_checksum"}
+        if doc.get("checksum") in KINDS:
+            try:
+                return seal(doc)
+            except ValueError:  # NaN: strict JSON refuses it, the plain dump below won't
+                pass
+    return json.dumps(doc).encode()
+
+
+def write_manifest(path, doc, reseal=True):
+    """Replace checkpoint ``path``'s manifest by ``doc`` (see :func:`sealed_manifest`)."""
+    from fastckpt.manifest import MANIFEST_NAME
+
+    with open(os.path.join(path, MANIFEST_NAME), "wb") as f:
+        f.write(sealed_manifest(doc, reseal))
+
+
+def edit_manifest(path, fn, reseal=True):
+    """Rewrite checkpoint ``path``'s manifest through ``fn(doc)`` (see
+    :func:`sealed_manifest` for ``reseal``)."""
     import json
 
     from fastckpt.manifest import MANIFEST_NAME
 
-    m = os.path.join(path, MANIFEST_NAME)
-    with open(m) as f:
+    with open(os.path.join(path, MANIFEST_NAME)) as f:
         doc = json.load(f)
     fn(doc)
-    with open(m, "w") as f:
-        json.dump(doc, f)
+    write_manifest(path, doc, reseal)
 
 
 def bits(t):

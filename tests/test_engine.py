@@ -4,13 +4,16 @@ import os
 import subprocess
 import sys
 import threading
+from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import assert_same
 from faults import ENOSPC, FaultyOS, always
 
 import fastckpt
 from fastckpt import commit, writer
+from fastckpt.tree import MAX_DEPTH
 
 
 def state(n=8, size=64 * 1024):
@@ -87,6 +90,29 @@ def test_unsupported_value_names_the_key_path(ckpt, engine):
         engine.save({"x": object()}, ckpt)
     assert not os.path.exists(ckpt)
     assert not [e for e in os.listdir(os.path.dirname(ckpt)) if "fastckpt" in e]
+
+
+def nest(depth, leaf):
+    """``leaf`` inside ``depth`` containers, cycling through every kind of container."""
+    kinds = [lambda x: {"k": x}, lambda x: (x,), lambda x: [x], lambda x: OrderedDict(k=x)]
+    for i in range(depth):
+        leaf = kinds[i % 4](leaf)
+    return leaf
+
+
+def test_nesting_limit(ckpt, engine):
+    """The deepest state save() takes loads back, even from a deep call stack; one level
+    more is refused up front, naming where, and nothing is written."""
+    deepest = nest(MAX_DEPTH, torch.arange(3))
+    with pytest.raises(fastckpt.UnsupportedTypeError, match=f"more than {MAX_DEPTH} deep"):
+        engine.save([deepest], ckpt)
+    assert not os.path.exists(ckpt)
+    engine.save(deepest, ckpt).wait(timeout=60)
+
+    def load_from_depth(frames):
+        return load_from_depth(frames - 1) if frames else fastckpt.load(ckpt, verify=True)
+
+    assert_same(load_from_depth(300), deepest)
 
 
 def test_result_fields(ckpt, engine):

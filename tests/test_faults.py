@@ -76,14 +76,8 @@ POINTS = {
     "renameat2 exchange": Point(commit, "renameat2"),
     "rename (fallback)": Point(commit, "rename", fallback=True),
 }
-FALLBACK_BUG = (
-    "when the second rename of the fallback replace fails, the previous checkpoint is "
-    "left under this process's -old- name, which neither load() nor recover() will use"
-)
-QUICK_CASES = [(name, 1) for name in POINTS] + [
-    pytest.param("rename (fallback)", 2, marks=pytest.mark.xfail(
-        strict=True, raises=fastckpt.CheckpointNotFoundError, reason=FALLBACK_BUG))
-]
+# The fallback replace renames twice; the second failing must put the old one back.
+QUICK_CASES = [(name, 1) for name in POINTS] + [("rename (fallback)", 2)]
 
 
 @contextlib.contextmanager

@@ -133,7 +133,7 @@ def _finish(plan: Plan, futures: list, tmp: str, path: str, kind: str | None, me
             kind, [{"file": r.file, "size": r.size, "checksum": r.checksum} for r in results],
             {s.name: manifest_tensor(s, written[s.name]) for s in plan.stored},
             plan.refs, plan.flat.tree, meta_tree)
-        commit.commit(tmp, path, mf.encode(doc))
+        commit.commit(tmp, path, doc)
     except (CheckpointError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"saving {path} failed: {e}") from e
