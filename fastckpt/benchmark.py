@@ -273,22 +273,27 @@ class Bench:
 
     # -- saves --------------------------------------------------------------------
 
-    def fastckpt_save(self, name: str = "fastckpt", **options: Any) -> dict:
-        """Steady-state stall and durable time of fastckpt.save (after one warm-up
-        save); the last checkpoint stays at ``path(name)`` for the loads."""
-        path = self.path(name)
-        stalls, totals = [], []
-        with Checkpointer(**options) as ck:
+    def fastckpt_saves(self, variants: dict[str, dict]) -> dict[str, dict]:
+        """Steady-state stall and durable time of fastckpt.save with each variant's
+        Checkpointer options (after one warm-up save each). The timed saves go
+        round-robin over the variants, so that a disk whose speed drifts during the
+        run weighs on each alike; each last checkpoint stays at ``path(name)``."""
+        results: dict[str, list] = {name: [] for name in variants}
+        with contextlib.ExitStack() as stack:
+            engines = {name: stack.enter_context(Checkpointer(**options))
+                       for name, options in variants.items()}
             for i in range(self.reps + 1):
-                _remove(path)
-                gc.collect()
-                r = ck.save(self.state, path).wait()
-                if i:
-                    stalls.append(r.stall_s)
-                    totals.append(r.total_s)
-        out = {"stall_s": statistics.median(stalls), "total_s": statistics.median(totals),
-               "disk_bytes": sum(os.path.getsize(p) for p in _files([path]))}
-        return out
+                for name, ck in engines.items():
+                    path = self.path(name)
+                    _remove(path)
+                    gc.collect()
+                    r = ck.save(self.state, path).wait()
+                    if i:
+                        results[name].append(r)
+        return {name: {"stall_s": statistics.median(r.stall_s for r in rs),
+                       "total_s": statistics.median(r.total_s for r in rs),
+                       "disk_bytes": sum(os.path.getsize(p) for p in _files([self.path(name)]))}
+                for name, rs in results.items()}
 
     def _blocking_save(self, save: Callable[[str], Any], name: str) -> float:
         """Median seconds of ``save(path)`` + fsync; the file stays for the loads."""
@@ -337,48 +342,56 @@ class Bench:
 
     # -- loads --------------------------------------------------------------------
 
-    def load(self, fn: Callable[[], Any], files: str) -> dict:
-        """Cold and warm seconds of ``fn()`` plus touching what it returns."""
-        path = self.path(files)
+    def loads(self, variants: dict[str, tuple[Callable[[], Any], str]]) -> dict[str, dict]:
+        """Cold and warm seconds of each variant's ``fn()`` plus touching what it
+        returns; the second item names the files to evict for a cold run. As for
+        saves, the reps go round-robin over the variants."""
+        cold: dict[str, list[float]] = {name: [] for name in variants}
+        warm: dict[str, list[float]] = {name: [] for name in variants}
+        # Cold reads swing most on a shared disk: two more reps for their medians.
+        for _ in range(self.reps + 2):
+            for name, (fn, files) in variants.items():
+                cold[name].append(_median_time(lambda fn=fn: touch(fn()), 1,
+                                               lambda f=files: self.drop([self.path(f)])))
+        for fn, _ in variants.values():
+            touch(fn())  # leaves the files cached
+        for _ in range(self.reps):
+            for name, (fn, _) in variants.items():
+                warm[name].append(_median_time(lambda fn=fn: touch(fn()), 1))
+        return {name: {"cold_s": statistics.median(cold[name]),
+                       "warm_s": statistics.median(warm[name])} for name in variants}
 
-        def run() -> None:
-            touch(fn())
+    def load_variants(self, peers: Sequence[str]) -> dict[str, tuple[Callable[[], Any], str]]:
+        """fastckpt's loads and the peers' ones, for :meth:`loads`."""
+        p, pz = self.path("fastckpt"), self.path("fastckpt_zstd")
 
-        cold = _median_time(run, self.reps, lambda: self.drop([path]))
-        run()  # leaves the files cached
-        return {"cold_s": cold, "warm_s": _median_time(run, self.reps)}
+        def fallback_read() -> Any:
+            with _env("FASTCKPT_NO_NATIVE", "1"):  # read at call time by fileio
+                return fastckpt_load(p, mmap=False)
 
-    def fastckpt_loads(self) -> dict[str, dict]:
-        p, pz = self.path("fastckpt"), self.path("fastckpt-zstd")
+        def load_into_state() -> dict:
+            load_into(p, self.state)  # the same values: the state is left as it was
+            return self.state
+
         out = {
-            "fastckpt_mmap": self.load(lambda: fastckpt_load(p), "fastckpt"),
-            "fastckpt_read": self.load(lambda: fastckpt_load(p, mmap=False), "fastckpt"),
+            "fastckpt_mmap": (lambda: fastckpt_load(p), "fastckpt"),
+            "fastckpt_verified": (lambda: fastckpt_load(p, verify=True), "fastckpt"),
+            "fastckpt_read": (lambda: fastckpt_load(p, mmap=False), "fastckpt"),
+            "fastckpt_read_fallback": (fallback_read, "fastckpt"),
+            "fastckpt_zstd": (lambda: fastckpt_load(pz), "fastckpt_zstd"),
+            "load_into": (load_into_state, "fastckpt"),
+            "verify": (lambda: _check(fastckpt_verify(p)), "fastckpt"),
         }
-        with _env("FASTCKPT_NO_NATIVE", "1"):  # read at call time by fileio
-            out["fastckpt_read_fallback"] = self.load(
-                lambda: fastckpt_load(p, mmap=False), "fastckpt")
-        out["fastckpt_zstd"] = self.load(lambda: fastckpt_load(pz), "fastckpt-zstd")
-        out["fastckpt_verified"] = self.load(lambda: fastckpt_load(p, verify=True), "fastckpt")
-        out["load_into"] = self.load(lambda: self._load_into(p), "fastckpt")
-        out["verify"] = self.load(lambda: _check(fastckpt_verify(p)), "fastckpt")
-        return out
-
-    def _load_into(self, path: str) -> dict:
-        load_into(path, self.state)  # the same values: the state is left as it was
-        return self.state
-
-    def peer_loads(self, peers: Sequence[str]) -> dict[str, dict]:
-        out = {}
         if "torch" in peers:
             pt = self.path("torch.pt")
-            out["torch_load"] = self.load(lambda: torch.load(pt, weights_only=True), "torch.pt")
-            out["torch_load_mmap"] = self.load(
-                lambda: torch.load(pt, weights_only=True, mmap=True), "torch.pt")
+            out["torch_load"] = (lambda: torch.load(pt, weights_only=True), "torch.pt")
+            out["torch_load_mmap"] = (lambda: torch.load(pt, weights_only=True, mmap=True),
+                                      "torch.pt")
         if "safetensors" in peers:
             from safetensors.torch import load_file
 
             st = self.path("st.safetensors")
-            out["safetensors_load"] = self.load(lambda: load_file(st), "st.safetensors")
+            out["safetensors_load"] = (lambda: load_file(st), "st.safetensors")
         if "dcp" in peers:
             import torch.distributed.checkpoint as dcp
 
@@ -386,7 +399,7 @@ class Bench:
                 dcp.load(self.state, checkpoint_id=self.path("dcp"))
                 return self.state
 
-            out["dcp_load"] = self.load(dcp_load, "dcp")
+            out["dcp_load"] = (dcp_load, "dcp")
         return out
 
 
@@ -536,10 +549,9 @@ def _run_suite(tmp: str, state: dict, reps: int, peers: Sequence[str], train_ste
     steps: list[tuple[str, str | None, Callable[[], Any]]] = [
         ("limits", "memcpy_s", b.memcpy),
         ("limits", None, b.raw_io),
-        ("save", "fastckpt", lambda: b.fastckpt_save()),
-        ("save", "fastckpt_nochecksum", lambda: b.fastckpt_save("nock", checksum=None)),
-        ("save", "fastckpt_zstd", lambda: b.fastckpt_save("fastckpt-zstd",
-                                                          compression="zstd")),
+        ("save", None, lambda: b.fastckpt_saves({
+            "fastckpt": {}, "fastckpt_nochecksum": {"checksum": None},
+            "fastckpt_zstd": {"compression": "zstd"}})),
     ]
     peer_steps = {"torch": [("save", "torch_save_s", b.torch_save)],
                   "safetensors": [("save", "safetensors_save_s", b.safetensors_save)],
@@ -547,16 +559,14 @@ def _run_suite(tmp: str, state: dict, reps: int, peers: Sequence[str], train_ste
                           ("save", "dcp_async_save", b.dcp_async_save)]}
     steps += [s for p in peers for s in peer_steps.get(p, [])]
     for section, key, fn in steps:
-        log(f"  measuring {section} {key or 'raw I/O'} ...")
+        log(f"  measuring {section} {key or ''} ...")
         if key is None:
             r[section].update(fn())
         else:
             r[section][key] = fn()
-    _remove(b.path("nock"))
-    log("  measuring fastckpt loads (cold, warm) ...")
-    r["load"].update(b.fastckpt_loads())
-    log("  measuring peer loads (cold, warm) ...")
-    r["load"].update(b.peer_loads(peers))
+    _remove(b.path("fastckpt_nochecksum"))
+    log("  measuring loads (cold, warm) ...")
+    r["load"].update(b.loads(b.load_variants(peers)))
     r["cold_method"] = b.cold_method or "O_DIRECT (raw read only; loads not cold)"
     if train_steps > 0:
         r["train"] = run_training(tmp, train_steps, reps, peers, log)
