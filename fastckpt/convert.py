@@ -18,17 +18,25 @@ a model's own state-dict names.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import commit, reader
 from .checkpointer import Checkpointer, PathLike, SaveResult
-from .errors import CheckpointError, CheckpointNotFoundError, UnsupportedTypeError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    UnsupportedTypeError,
+)
 from .plan import ST_DTYPES, encode_header
 from .tree import dtype_from_name
 
@@ -128,18 +136,26 @@ def _save(obj: Any, dest: PathLike, meta: dict, checkpointer: Checkpointer | Non
 def _safetensors_files(folder: str) -> list[str]:
     """The files of a safetensors folder: those its HF index names, else every
     ``*.safetensors`` in it."""
+    names = index_files(folder)
+    if names is None:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    return [os.path.join(folder, n) for n in names]
+
+
+def index_files(folder: str) -> list[str] | None:
+    """The file names that ``folder``'s ``model.safetensors.index.json`` maps weights
+    to, sorted; None when there is no index."""
     index = os.path.join(folder, INDEX_FILE)
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index: {e}") from e
-        if any(os.path.basename(n) != n for n in names):
-            raise CheckpointError(f"{index}: weight_map names files outside its folder")
-        return [os.path.join(folder, n) for n in names]
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                  if n.endswith(".safetensors"))
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index, "rb") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptCheckpointError(f"{index}: not a safetensors index ({e!r})") from e
+    if not all(isinstance(n, str) and n and os.path.basename(n) == n for n in names):
+        raise CorruptCheckpointError(f"{index}: weight_map names files outside its folder")
+    return names
 
 
 def _is_safetensors_file(path: str) -> bool:
@@ -168,12 +184,12 @@ def export_safetensors(src: PathLike, dest_file: PathLike, *, prefix: str | None
     written once per name, as safetensors requires. ``progress`` is called as bytes
     are written. Returns ``dest_file``.
     """
-    dest = _new_path(dest_file, allow_empty_dir=False)
+    dest = new_path(dest_file, allow_empty_dir=False)
     with reader.CheckpointReader(src) as r:
-        specs = _specs(r, prefix)
+        specs = _checkpoint_specs(r, prefix)
         tmp = commit.sibling(dest, commit.TMP_TAG)
         try:
-            _write_file(r, specs, tmp, _with_total(progress, specs))
+            _write_file(specs, tmp, _with_total(progress, specs))
             os.rename(tmp, dest)
         except BaseException:
             _discard(tmp)
@@ -190,116 +206,153 @@ def export_hf(src: PathLike, dest_dir: PathLike, *, prefix: str | None = None,
     files of at most ``max_shard_size`` bytes of tensors each (a larger tensor gets
     a file of its own) plus ``model.safetensors.index.json``. The folder is built
     in a temporary sibling and renamed into place when complete."""
-    if max_shard_size <= 0:
-        raise ValueError("max_shard_size must be > 0")
-    dest = _new_path(dest_dir)
+    dest = new_path(dest_dir)
     with reader.CheckpointReader(src) as r:
-        specs = _specs(r, prefix)
-        groups = _group(specs, max_shard_size)
-        report = _with_total(progress, specs)
-        tmp = commit.sibling(dest, commit.TMP_TAG)
-        try:
-            os.mkdir(tmp, 0o755)
-            weight_map = {}
-            for k, group in enumerate(groups, 1):
-                name = SINGLE_FILE if len(groups) == 1 else (
-                    f"model-{k:05d}-of-{len(groups):05d}.safetensors")
-                _write_file(r, group, os.path.join(tmp, name), report)
-                weight_map.update(dict.fromkeys((key for key, *_ in group), name))
-            if len(groups) > 1:
-                total = sum(n for *_, n in specs)
-                _write_json(os.path.join(tmp, INDEX_FILE),
-                            {"metadata": {"total_size": total}, "weight_map": weight_map})
-            commit.fsync_dir(tmp)
-            if os.path.isdir(dest):
-                os.rmdir(dest)  # _new_path allowed only an empty one
-            os.rename(tmp, dest)
-        except BaseException:
-            _discard(tmp)
-            raise
-    commit.fsync_dir(os.path.dirname(dest))
+        specs = _checkpoint_specs(r, prefix)
+        build_folder(dest, lambda tmp: write_hf_files(tmp, specs, max_shard_size, progress))
     return dest
 
 
-# (exported name, key path in the checkpoint, dtype, shape, bytes)
-Spec = tuple[str, str, torch.dtype, tuple[int, ...], int]
+@dataclass(frozen=True)
+class Spec:
+    """One tensor to export: its name in the file, and how to get its bytes."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    fetch: Callable[[], torch.Tensor]
 
 
-def _specs(r: reader.CheckpointReader, prefix: str | None) -> list[Spec]:
-    """What to export, from the manifest alone, widest elements first so that every
-    tensor starts aligned to its element size (as safetensors' own writer does)."""
+def tensor_specs(tensors: Mapping[str, torch.Tensor]) -> list[Spec]:
+    """Specs of in-memory tensors, ready for :func:`write_hf_files`."""
+    return _ordered([_spec(name, t.dtype, tuple(t.shape), lambda t=t: t)
+                     for name, t in tensors.items()])
+
+
+def _checkpoint_specs(r: reader.CheckpointReader, prefix: str | None) -> list[Spec]:
+    """What to export from a checkpoint, from the manifest alone; each tensor is read
+    when written."""
     strip = f"{prefix.strip('/')}/" if prefix else ""
     out = []
     for key in r:
-        if not key.startswith(strip):
-            continue
-        dtype_name, shape = r.spec(key)
-        dtype = dtype_from_name(dtype_name)
-        if dtype not in ST_DTYPES:
-            raise CheckpointError(f"{key}: dtype {dtype_name} has no safetensors equivalent")
-        numel = 1
-        for d in shape:
-            numel *= d
-        out.append((key[len(strip):], key, dtype, shape, numel * dtype.itemsize))
+        if key.startswith(strip):
+            dtype_name, shape = r.spec(key)
+            out.append(_spec(key[len(strip):], dtype_from_name(dtype_name), shape,
+                             lambda key=key: r[key]))
     if not out:
         raise CheckpointError(f"{r.path}: no tensors" + (f" under {prefix!r}" if prefix else ""))
-    return sorted(out, key=lambda s: -s[2].itemsize)
+    return _ordered(out)
+
+
+def _spec(name: str, dtype: torch.dtype, shape: tuple[int, ...],
+          fetch: Callable[[], torch.Tensor]) -> Spec:
+    if dtype not in ST_DTYPES:
+        raise CheckpointError(f"{name}: dtype {dtype} has no safetensors equivalent")
+    return Spec(name, dtype, shape, math.prod(shape) * dtype.itemsize, fetch)
+
+
+def _ordered(specs: list[Spec]) -> list[Spec]:
+    # Widest elements first, so that every tensor starts aligned to its element size
+    # (as safetensors' own writer does).
+    return sorted(specs, key=lambda s: -s.dtype.itemsize)
+
+
+def build_folder(dest: str, fill: Callable[[str], Any]) -> str:
+    """Create the folder ``dest`` (missing or empty, see :func:`new_path`) atomically:
+    ``fill(tmp)`` writes its files into a temporary sibling, which is fsynced and
+    renamed into place; on failure nothing is left behind."""
+    tmp = commit.sibling(dest, commit.TMP_TAG)
+    try:
+        os.mkdir(tmp, 0o755)
+        fill(tmp)
+        commit.fsync_dir(tmp)
+        if os.path.isdir(dest):
+            os.rmdir(dest)  # new_path allowed only an empty one
+        os.rename(tmp, dest)
+        commit.fsync_dir(os.path.dirname(dest))
+    except OSError as e:
+        _discard(tmp)
+        raise CheckpointWriteError(f"writing {dest} failed: {e}") from e
+    except BaseException:
+        _discard(tmp)
+        raise
+    return dest
+
+
+def write_hf_files(folder: str, specs: list[Spec], max_shard_size: int,
+                   progress: Progress | None = None) -> list[str]:
+    """Write ``specs`` into ``folder`` in the Hugging Face layout (see module doc);
+    returns the names of the files written."""
+    if max_shard_size <= 0:
+        raise ValueError("max_shard_size must be > 0")
+    groups = _group(specs, max_shard_size)
+    report = _with_total(progress, specs)
+    if len(groups) == 1:
+        _write_file(specs, os.path.join(folder, SINGLE_FILE), report)
+        return [SINGLE_FILE]
+    files = [f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
+    for name, group in zip(files, groups, strict=True):
+        _write_file(group, os.path.join(folder, name), report)
+    weight_map = {s.name: name for name, group in zip(files, groups, strict=True) for s in group}
+    index = hf_index(weight_map, sum(s.nbytes for s in specs))
+    commit.write_file_durably(os.path.join(folder, INDEX_FILE), index)
+    return [INDEX_FILE, *files]
+
+
+def hf_index(weight_map: Mapping[str, str], total_size: int) -> bytes:
+    """The bytes of ``model.safetensors.index.json``."""
+    doc = {"metadata": {"total_size": total_size}, "weight_map": dict(weight_map)}
+    return (json.dumps(doc, indent=2) + "\n").encode()
 
 
 def _group(specs: list[Spec], limit: int) -> list[list[Spec]]:
     groups: list[list[Spec]] = [[]]
     size = 0
     for s in specs:
-        if groups[-1] and size + s[4] > limit:
+        if groups[-1] and size + s.nbytes > limit:
             groups.append([])
             size = 0
         groups[-1].append(s)
-        size += s[4]
+        size += s.nbytes
     return groups
 
 
 def _with_total(progress: Progress | None, specs: list[Spec]) -> Callable[[int], None] | None:
     if progress is None:
         return None
-    total = sum(n for *_, n in specs)
+    total = sum(s.nbytes for s in specs)
     return lambda n: progress(n, total)
 
 
-def _write_file(r: reader.CheckpointReader, specs: list[Spec], path: str,
-                progress: Callable[[int], None] | None) -> None:
+def _write_file(specs: list[Spec], path: str, progress: Callable[[int], None] | None) -> None:
+    """One safetensors file, streamed tensor by tensor (never built in memory)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, _, dtype, shape, n in specs:
-        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + n]}
-        offset += n
+    for s in specs:
+        header[s.name] = {"dtype": ST_DTYPES[s.dtype], "shape": list(s.shape),
+                          "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
     with open(path, "xb") as f:
         f.write(encode_header(header))
-        for _, key, *_, n in specs:
-            t = r[key].contiguous()  # a view of shared storage becomes its own bytes
+        for s in specs:
+            t = s.fetch().detach().cpu().contiguous()  # a view of shared storage: own bytes
             f.write(reader.tensor_bytes(t))
             del t  # drop the mapping (or decoded copy) before reading the next tensor
             if progress:
-                progress(n)
+                progress(s.nbytes)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _write_json(path: str, doc: dict) -> None:
-    with open(path, "x") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _new_path(path: PathLike, allow_empty_dir: bool = True) -> str:
+def new_path(path: PathLike, allow_empty_dir: bool = True) -> str:
     """``path`` made absolute, refusing to overwrite anything (but an empty directory
     when ``allow_empty_dir``) and creating its parent."""
     path = os.path.abspath(os.fspath(path))
     empty_dir = allow_empty_dir and os.path.isdir(path) and not os.listdir(path)
     if os.path.lexists(path) and not empty_dir:
-        raise CheckpointError(f"{path} already exists; not overwriting it")
+        what = "exists and is not an empty directory" if allow_empty_dir else "already exists"
+        raise CheckpointError(f"{path} {what}; not overwriting it")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return path
 

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,13 +30,11 @@ import numpy as np
 import safetensors
 import torch
 
-from . import __version__, commit, reader
+from . import __version__, commit, convert, reader
 from .catalog import read_info
-from .errors import CheckpointError, CheckpointWriteError
-from .plan import ST_DTYPES, encode_header
+from .convert import INDEX_FILE, SINGLE_FILE
+from .errors import CheckpointError
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 METADATA_FILE = "training_metadata.json"
 
 
@@ -50,28 +47,17 @@ def export_for_inference(src: str, dest: str, *, use_ema: bool = False,
     split into shards. Returns ``dest``.
     """
     src = reader.resolve(src)
-    dest = os.path.abspath(os.fspath(dest))
-    if os.path.lexists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
-        raise CheckpointError(f"{dest} exists and is not an empty directory; not exporting")
+    dest = convert.new_path(dest)
     state = reader.load(src, mmap=True)
-    weights = model_weights(state, use_ema)
+    specs = convert.tensor_specs(model_weights(state, use_ema))
     meta = _training_metadata(src, state, use_ema)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = commit.sibling(dest, commit.TMP_TAG)
-    try:
-        os.mkdir(tmp, 0o755)
-        files = _write_weights(tmp, weights, max_shard_size)
-        _write_text(os.path.join(tmp, METADATA_FILE), json.dumps(meta, indent=2) + "\n")
-        _write_text(os.path.join(tmp, "README.md"), _readme(meta, files))
-        commit.fsync_dir(tmp)
-        commit.publish(tmp, dest)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"exporting {src} to {dest} failed: {e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+
+    def fill(folder: str) -> None:
+        files = convert.write_hf_files(folder, specs, max_shard_size)
+        _write_text(os.path.join(folder, METADATA_FILE), json.dumps(meta, indent=2) + "\n")
+        _write_text(os.path.join(folder, "README.md"), _readme(meta, files))
+
+    return convert.build_folder(dest, fill)
 
 
 def model_weights(state: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -102,55 +88,6 @@ def _flat(tree: Any, prefix: str) -> dict[str, torch.Tensor]:
     for k, v in tree.items():
         out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
-
-
-def _write_weights(folder: str, weights: dict[str, torch.Tensor], max_shard: int) -> list[str]:
-    groups: list[dict[str, torch.Tensor]] = [{}]
-    used = 0
-    for name, t in weights.items():
-        if groups[-1] and used + t.nbytes > max_shard:
-            groups.append({})
-            used = 0
-        groups[-1][name] = t
-        used += t.nbytes
-    if len(groups) == 1:
-        _write_safetensors(os.path.join(folder, SINGLE_FILE), groups[0])
-        return [SINGLE_FILE]
-    files = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    weight_map = {}
-    for file, group in zip(files, groups, strict=True):
-        _write_safetensors(os.path.join(folder, file), group)
-        weight_map.update(dict.fromkeys(group, file))
-    total = sum(t.nbytes for t in weights.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _write_text(os.path.join(folder, INDEX_FILE), json.dumps(index, indent=2) + "\n")
-    return [INDEX_FILE, *files]
-
-
-def _write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    # Streamed tensor by tensor (the shard is never built in memory), widest dtypes
-    # first so every tensor stays aligned to its element size.
-    order = sorted(tensors, key=lambda k: -tensors[k].element_size())
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        if t.dtype not in ST_DTYPES:
-            raise CheckpointError(f"weight {name!r} has dtype {t.dtype}, not storable")
-        header[name] = {
-            "dtype": ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    with open(path, "wb") as f:
-        f.write(encode_header(header))
-        for name in order:
-            t = tensors[name].detach().cpu().contiguous()
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _write_text(path: str, text: str) -> None:

@@ -38,9 +38,9 @@ def test_saved_folder_loads_with_from_pretrained(tmp_path):
     r = hf.save_pretrained(model, d, max_shard_size=20_000).wait(60)
     assert r.num_shards > 1
     names = sorted(os.listdir(d))
-    assert "config.json" in names and hf.INDEX_NAME in names and "fastckpt.json" in names
+    assert "config.json" in names and hf.INDEX_FILE in names and "fastckpt.json" in names
     assert f"model-00001-of-{r.num_shards:05d}.safetensors" in names
-    index = json.loads((d / hf.INDEX_NAME).read_text())
+    index = json.loads((d / hf.INDEX_FILE).read_text())
     assert set(index["weight_map"]) == set(model.state_dict())
     assert fastckpt.verify(d).ok
     loaded = transformers.AutoModel.from_pretrained(d).eval()
@@ -53,7 +53,7 @@ def test_tied_weights_written_once(tmp_path):
     model = tiny_gpt2()
     d = tmp_path / "gpt2"
     hf.save_pretrained(model, d).wait(60)
-    index = json.loads((d / hf.INDEX_NAME).read_text())
+    index = json.loads((d / hf.INDEX_FILE).read_text())
     assert "lm_head.weight" not in index["weight_map"]  # as HF writes it: tied to wte
     loaded = transformers.AutoModelForCausalLM.from_pretrained(d)
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()

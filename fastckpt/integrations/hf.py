@@ -27,6 +27,7 @@ import torch
 from .. import commit
 from .. import manifest as mf
 from ..checkpointer import Checkpointer, SaveHandle, SaveResult
+from ..convert import INDEX_FILE, SINGLE_FILE, hf_index, index_files
 from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -40,8 +41,6 @@ from ..restore import LoadReport
 from ..restore import load_into as _load_into
 from ..tree import dtype_name, flatten
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 _FROM_ST = {tag: dtype_name(dt) for dt, tag in ST_DTYPES.items()}
 # Commits run here, in save order, so that save() returns before the disk is done.
 _committer = cf.ThreadPoolExecutor(1, thread_name_prefix="fastckpt-hf-commit")
@@ -124,10 +123,9 @@ def _finish(plan: Plan, futures: list, tmp: str, path: str, kind: str | None, me
     cf.wait(futures)
     try:
         results = [f.result() for f in futures]
-        index = {"metadata": {"total_size": plan.nbytes},
-                 "weight_map": {s.name: plan.shards[s.shard].file for s in plan.stored}}
-        commit.write_file_durably(os.path.join(tmp, INDEX_NAME),
-                                  json.dumps(index, indent=2).encode())
+        weight_map = {s.name: plan.shards[s.shard].file for s in plan.stored}
+        commit.write_file_durably(os.path.join(tmp, INDEX_FILE), hf_index(weight_map,
+                                                                          plan.nbytes))
         written = {name: entry for r in results for name, entry in r.tensors.items()}
         doc = mf.document(
             kind, [{"file": r.file, "size": r.size, "checksum": r.checksum} for r in results],
@@ -183,17 +181,11 @@ def _untied(state: Mapping[str, torch.Tensor], reader: CheckpointReader) -> dict
 def folder_manifest(path: str) -> mf.Manifest:
     """A manifest describing an HF safetensors folder, built from its index (or its
     single ``model.safetensors``) and the files' headers, then validated like any."""
-    index = os.path.join(path, INDEX_NAME)
-    if os.path.isfile(index):
-        with open(index, "rb") as f:
-            try:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise CorruptCheckpointError(f"{index}: not an index ({e!r})") from e
-    elif os.path.isfile(os.path.join(path, SINGLE_NAME)):
-        files = [SINGLE_NAME]
-    else:
-        raise CheckpointNotFoundError(f"{path}: no {INDEX_NAME} or {SINGLE_NAME}")
+    files = index_files(path)
+    if files is None:
+        if not os.path.isfile(os.path.join(path, SINGLE_FILE)):
+            raise CheckpointNotFoundError(f"{path}: no {INDEX_FILE} or {SINGLE_FILE}")
+        files = [SINGLE_FILE]
     shards, tensors = [], {}
     for k, name in enumerate(files):
         header, size = _header(os.path.join(path, name))
