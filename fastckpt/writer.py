@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from . import checksum as ck
-from . import codec
+from . import codec, fileio
 from .errors import CheckpointWriteError
 from .plan import ShardPlan, Stored, shard_header
 from .staging import Block, StagingPool
@@ -185,6 +185,7 @@ def write_shard(
                 hashed = hashers.submit(digests.update, block, data)
                 try:
                     _write_block(fd, shard, block, data, encoder)
+                    fileio.start_writeback(fd)
                 finally:
                     hashed.result()
         except BaseException as e:  # noqa: BLE001 - reported below, after draining
