@@ -1,6 +1,6 @@
-"""End-to-end effect of compression on a save: time to durability with and without
-``compression="zstd"``, on this disk and on a disk throttled to a network
-filesystem's write rate.
+"""End-to-end effect of compression on a save: time to durability without compression,
+with ``compression="zstd"`` and with ``compression="auto"``, on this disk and on a
+disk throttled to a network filesystem's write rate.
 
 Run with ``python -m benchmarks.bench_compression [--throttle-mbs 200]``. The state is
 built from real trained weights (all-MiniLM-L6-v2, see bench_codec), as bf16 weights
@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import tempfile
 import threading
 import time
 
 import torch
 
-import fastckpt
 from benchmarks.bench_codec import INSTALL_HINT, find_weights, load_weights
+from fastckpt import benchmark as fb
 from fastckpt import writer
 
 
@@ -69,29 +68,18 @@ class Throttle:
         return getattr(os, name)
 
 
-def durable_save(state: dict, workdir: str, compression: str | None, reps: int) -> dict:
-    """Median stall and time-to-durable over ``reps`` saves (after one warm-up)."""
-    path = os.path.join(workdir, "ck")
-    stalls, totals, disk = [], [], 0
-    with fastckpt.Checkpointer(compression=compression) as ck:
-        for i in range(reps + 1):
-            shutil.rmtree(path, ignore_errors=True)
-            r = ck.save(state, path).wait()
-            if i:
-                stalls.append(r.stall_s)
-                totals.append(r.total_s)
-        disk = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-    shutil.rmtree(path, ignore_errors=True)
-    return {"stall_s": statistics.median(stalls), "total_s": statistics.median(totals),
-            "disk_bytes": disk}
+MODES = ("none", "zstd", "auto")
 
 
 def run(state: dict, workdir: str, throttle: float | None, reps: int) -> dict:
+    """Median stall, time-to-durable and size on disk of each compression mode, the
+    modes' saves interleaved (see fastckpt.benchmark.Bench.fastckpt_saves)."""
     real_os = writer.os
     if throttle:
         writer.os = Throttle(throttle)
     try:
-        return {c or "none": durable_save(state, workdir, c, reps) for c in (None, "zstd")}
+        return fb.Bench(state, workdir, reps).fastckpt_saves(
+            {m: {"compression": None if m == "none" else m} for m in MODES})
     finally:
         writer.os = real_os
 
@@ -117,7 +105,7 @@ def main() -> None:
     print("\n| disk | compression | on-disk / raw | stall s | durable s | speed-up |")
     print("|---|---|---:|---:|---:|---:|")
     for disk, r in rows:
-        for c in ("none", "zstd"):
+        for c in MODES:
             x = r[c]
             print(f"| {disk} | {c} | {x['disk_bytes'] / n:.3f} | {x['stall_s']:.3f} | "
                   f"{x['total_s']:.2f} | {r['none']['total_s'] / x['total_s']:.2f}x |")

@@ -551,7 +551,8 @@ def _run_suite(tmp: str, state: dict, reps: int, peers: Sequence[str], train_ste
         ("limits", None, b.raw_io),
         ("save", None, lambda: b.fastckpt_saves({
             "fastckpt": {}, "fastckpt_nochecksum": {"checksum": None},
-            "fastckpt_zstd": {"compression": "zstd"}})),
+            "fastckpt_zstd": {"compression": "zstd"},
+            "fastckpt_auto": {"compression": "auto"}})),
     ]
     peer_steps = {"torch": [("save", "torch_save_s", b.torch_save)],
                   "safetensors": [("save", "safetensors_save_s", b.safetensors_save)],
@@ -565,6 +566,7 @@ def _run_suite(tmp: str, state: dict, reps: int, peers: Sequence[str], train_ste
         else:
             r[section][key] = fn()
     _remove(b.path("fastckpt_nochecksum"))
+    _remove(b.path("fastckpt_auto"))
     log("  measuring loads (cold, warm) ...")
     r["load"].update(b.loads(b.load_variants(peers)))
     r["cold_method"] = b.cold_method or "O_DIRECT (raw read only; loads not cold)"
@@ -578,7 +580,8 @@ def _with_ratios(r: dict) -> dict:
     rates = {"memcpy": n / lim["memcpy_s"], "raw_write": n / lim["raw_write_s"],
              "raw_read_cold": n / lim["raw_read"]["cold_s"],
              "raw_read_warm": n / lim["raw_read"]["warm_s"]}
-    for k in ("fastckpt", "fastckpt_nochecksum", "fastckpt_zstd", "dcp_async_save"):
+    for k in ("fastckpt", "fastckpt_nochecksum", "fastckpt_zstd", "fastckpt_auto",
+              "dcp_async_save"):
         if k in sv:
             rates[f"{k}_save"] = n / sv[k]["total_s"]
     for k in ("torch_save_s", "safetensors_save_s", "dcp_save_s"):
@@ -592,6 +595,9 @@ def _with_ratios(r: dict) -> dict:
         "throughput_over_raw_write": rates["fastckpt_save"] / rates["raw_write"],
         "checksum_cost": fc["total_s"] / sv["fastckpt_nochecksum"]["total_s"] - 1,
         "zstd_ratio": n / sv["fastckpt_zstd"]["disk_bytes"],
+        "auto_ratio": n / sv["fastckpt_auto"]["disk_bytes"],
+        "zstd_time_over_uncompressed": sv["fastckpt_zstd"]["total_s"] / fc["total_s"],
+        "auto_time_over_uncompressed": sv["fastckpt_auto"]["total_s"] / fc["total_s"],
         "cold_restore_over_raw_read": rates["fastckpt_mmap_cold"] / rates["raw_read_cold"],
         "warm_restore_over_memcpy": rates["fastckpt_mmap_warm"] / rates["memcpy"],
         "load_checksum_cost": ld["fastckpt_verified"]["cold_s"] / ld["fastckpt_mmap"]["cold_s"]
@@ -622,6 +628,10 @@ SAVE_TARGETS = [
     ("speedup_vs_torch_save", ">=", 3.0, "throughput >= 3x torch.save+fsync"),
     ("speedup_vs_safetensors", ">=", 3.0, "throughput >= 3x safetensors save_file+fsync"),
     ("checksum_cost", "<", 0.03, "xxh3 checksum costs < 3% of save time"),
+    ("zstd_time_over_uncompressed", "<=", 1.0,
+     'compression="zstd" durable no later than uncompressed'),
+    ("auto_time_over_uncompressed", "<=", 1.0,
+     'compression="auto" durable no later than uncompressed'),
 ]
 
 # The restore path: fastckpt.load(path) with its defaults, every page touched.
@@ -646,7 +656,8 @@ def check_targets(r: dict) -> list[tuple[str, float, bool]]:
 
 # (label, section, key) of each row, in table order.
 _SAVE_ROWS = [("fastckpt", "fastckpt"), ("fastckpt, no checksum", "fastckpt_nochecksum"),
-              ("fastckpt, zstd", "fastckpt_zstd"), ("torch.save", "torch_save_s"),
+              ("fastckpt, zstd", "fastckpt_zstd"), ("fastckpt, auto", "fastckpt_auto"),
+              ("torch.save", "torch_save_s"),
               ("safetensors save_file", "safetensors_save_s"), ("DCP save", "dcp_save_s"),
               ("DCP async_save", "dcp_async_save")]
 _LOAD_ROWS = [("fastckpt.load (mmap, default)", "fastckpt_mmap"),
@@ -693,7 +704,8 @@ def format_report(r: dict) -> str:
         stall_text = f"{stall:.3f}" if stall is not None else f"{total:.3f} (blocks)"
         out.append(f"| {label} | {stall_text} | {total:.3f} | {_gbs(n, total)} | "
                    f"{lim['raw_write_s'] / total:.2f} |")
-    out.append(f"\nzstd: {r['ratios']['zstd_ratio']:.2f}x smaller on disk")
+    out.append(f"\nsmaller on disk: zstd {r['ratios']['zstd_ratio']:.2f}x, "
+               f"auto {r['ratios']['auto_ratio']:.2f}x")
     for title, rows in (("fastckpt load", _LOAD_ROWS), ("peer load", _PEER_LOAD_ROWS)):
         out += ["", f"| {title} (+touch) | cold s | cold GB/s | x raw read | warm s | "
                     "warm GB/s | x memcpy |", "|---|---:|---:|---:|---:|---:|---:|"]

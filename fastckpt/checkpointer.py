@@ -106,8 +106,12 @@ class Checkpointer:
             larger than this is staged in pieces (default: min(8 GiB, RAM / 4)).
         max_inflight: saves allowed in flight; the next ``save()`` waits for the oldest.
         pin_memory: pin staging buffers (default: when CUDA is available).
-        compression: ``None`` (default) or ``"zstd"``: byte-grouped, chunked zstd of
-            every tensor of at least 64 KiB, done by the background threads.
+        compression: ``None`` (default), ``"zstd"``: byte-grouped, chunked zstd of
+            every tensor of at least 64 KiB, done by the background threads; or
+            ``"auto"``: the same, but a chunk the background threads cannot compress
+            before the disk is ready for it is stored raw, so that compressing never
+            makes a save slower than not compressing (the ratio then depends on the
+            CPU and disk at hand).
         compression_level: zstd level (default 1, the fastest that compresses best).
         process_group: the ``torch.distributed`` group whose ranks save together
             (default: the default group when torch.distributed is initialised with
@@ -190,10 +194,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         path = os.path.abspath(os.fspath(path))
         kind = self.checksum if checksum is _UNSET else check_kind(checksum)
-        level = _check_compression(
-            self.compression if compression is _UNSET else compression,
-            self.compression_level if compression_level is None else compression_level,
-        )
+        opts = self._compression(compression, compression_level)
         group = self.process_group if process_group is _UNSET else process_group
         with self._lock:
             self._check_open()
@@ -202,12 +203,12 @@ class Checkpointer:
                 scope.start()
                 self._raise_unreported()
                 plan = scope.plan(obj, per_rank, shard_size or self.shard_size,
-                                  None if level is None else codec.MIN_COMPRESS_BYTES)
+                                  None if opts is None else codec.MIN_COMPRESS_BYTES)
                 meta_tree = flatten(dict(metadata or {}))
                 if meta_tree.tensors:
                     raise CheckpointError("metadata must not contain tensors")
                 commit.check_replaceable(path)
-                tmp, futures = self._stage_bounded(scope, plan, path, kind, level)
+                tmp, futures = self._stage_bounded(scope, plan, path, kind, opts)
             except BaseException as e:
                 # Every save takes part in its commit round, so that ranks stay in step
                 # even when only some of them fail here.
@@ -235,11 +236,7 @@ class Checkpointer:
         ``torch.distributed.checkpoint``): nothing is committed here.
         """
         kind = self.checksum if checksum is _UNSET else check_kind(checksum)
-        level = _check_compression(
-            self.compression if compression is _UNSET else compression,
-            self.compression_level if compression_level is None else compression_level,
-        )
-        opts = None if level is None else Compression(level, self._encoders)
+        opts = self._compression(compression, compression_level)
         with self._lock:
             self._check_open()
             return self._stage(plan, directory, kind, opts, stream=stream)
@@ -255,11 +252,17 @@ class Checkpointer:
             self._scopes[key] = dist.Coordinator(key, self.collective_timeout)
         return self._scopes[key]
 
+    def _compression(self, name: Any, level: int | None) -> Compression | None:
+        """The encoding of a save's compressed tensors (None: compress nothing), from
+        its options or else this engine's."""
+        spec = _check_compression(self.compression if name is _UNSET else name,
+                                  self.compression_level if level is None else level)
+        return None if spec is None else Compression(spec[0], self._encoders, spec[1])
+
     def _stage_bounded(self, scope: Any, plan: Plan, path: str, kind: str | None,
-                       level: int | None) -> tuple[str, list]:
+                       opts: Compression | None) -> tuple[str, list]:
         self._slots.acquire()
         try:
-            opts = None if level is None else Compression(level, self._encoders)
             tmp = scope.make_tmp(path)
         except BaseException:
             self._slots.release()
@@ -423,10 +426,13 @@ def _manifest(plan: Plan, results: list[ShardResult], kind: str | None, meta_tre
     return mf.document(kind, shards, tensors, plan.refs, plan.flat.tree, meta_tree)
 
 
-def _check_compression(name: str | None, level: int | None) -> int | None:
-    """The zstd level to use, or None for no compression."""
+COMPRESSIONS = ("zstd", "auto")
+
+
+def _check_compression(name: str | None, level: int | None) -> tuple[int, bool] | None:
+    """The zstd level and whether to adapt to the disk, or None for no compression."""
     if name is None:
         return None
-    if name not in codec.CODECS:
-        raise ValueError(f"unknown compression {name!r}; choose one of {codec.CODECS} or None")
-    return codec.DEFAULT_LEVEL if level is None else level
+    if name not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {name!r}; choose one of {COMPRESSIONS} or None")
+    return (codec.DEFAULT_LEVEL if level is None else level), name == "auto"

@@ -39,7 +39,7 @@ _OFF_MIN, _OFF_MAX = -(2**63), 2**63 - 1
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
-_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 _sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
 if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -102,6 +102,15 @@ def start_writeback(fd: int) -> None:
     """
     if _sync_file_range is not None:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # 0, 0: the whole file
+
+
+def wait_writeback(fd: int, end: int) -> None:
+    """Write the file's first ``end`` bytes to the disk and wait until they are written
+    (not a durability point: no metadata, no disk cache flush), so that a producer
+    can keep pace with the disk. A no-op where the OS lacks ``sync_file_range``."""
+    if _sync_file_range is not None and end > 0:
+        _sync_file_range(fd, 0, end, _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
+                         | _SYNC_FILE_RANGE_WAIT_AFTER)
 
 
 def prefault(buf, threads: int = 2) -> None:

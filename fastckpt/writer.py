@@ -33,10 +33,18 @@ class ShardResult:
 
 @dataclass
 class Compression:
-    """How a shard's compressed tensors are encoded."""
+    """How a shard's compressed tensors are encoded. ``adaptive``: the writer keeps
+    pace with the disk and stores raw every chunk the encoders have not started by
+    the time it is due (``compression="auto"``)."""
 
     level: int
     executor: DaemonPool
+    adaptive: bool = False
+
+
+# An adaptive writer lets this much of its shard wait for the disk before it waits too:
+# enough to keep the disk busy, little enough that the encoders get the disk's time.
+PACE_WINDOW = 32 << 20
 
 
 class DaemonPool:
@@ -133,15 +141,17 @@ class _Encoder:
             self.chunks[s.name] = []
             if self.kind is not None:
                 self.hashers[s.name] = ck.new_hasher(self.kind)
-        dt = s.source.dtype
-        parts, meta = codec.encode(piece, dt.itemsize, dt.is_floating_point, self.opts.level,
-                                   self.opts.executor)
-        self.chunks[s.name].extend(meta["chunks"])
-        for part in parts:
+        dt, opts = s.source.dtype, self.opts
+        for part, meta in codec.encode_chunks(piece, dt.itemsize, dt.is_floating_point,
+                                              opts.level, opts.executor, opts.adaptive):
+            self.chunks[s.name].append(meta)
             if self.kind is not None:
                 self.hashers[s.name].update(part)
             pwrite_all(fd, part, data_start + self.cursor)
             self.cursor += len(part)
+            if opts.adaptive:
+                fileio.start_writeback(fd)
+                fileio.wait_writeback(fd, data_start + self.cursor - PACE_WINDOW)
         self.spans[s.name][1] = self.cursor
 
     def entry(self, name: str, raw_digest: str | None) -> dict:

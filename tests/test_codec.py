@@ -6,6 +6,7 @@ import contextlib
 import copy
 import itertools
 import json
+import threading
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
@@ -100,6 +101,39 @@ def test_parallel_encode_matches_serial():
         payload_par, meta_par = round_trip(raw, 4, True, executor=pool)
     payload_ser, meta_ser = round_trip(raw, 4, True)
     assert payload_par == payload_ser and meta_par == meta_ser
+
+
+def test_adaptive_stores_raw_what_the_executor_has_not_started():
+    """With its only encoder busy, an adaptive encode does not wait: every chunk comes
+    back raw (its job cancelled) and the payload decodes bit-exactly."""
+    raw = tensor_bytes(weights_like(1_500_000, torch.bfloat16))
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        blocker = pool.submit(release.wait)
+        chunks = codec.encode_chunks(memoryview(raw), 2, True, executor=pool, adaptive=True)
+        first = next(chunks)  # queued behind the blocker, so raw
+        rest = list(chunks)
+        release.set()
+        blocker.result()
+    chunks = [first, *rest]
+    assert len(chunks) == len(codec.plan_chunks(len(raw), 2)) > 2
+    assert all(m["groups"] == [["raw", m["raw"]]] for _, m in chunks)
+    meta = {"codec": "zstd", "level": codec.DEFAULT_LEVEL, "chunks": [m for _, m in chunks]}
+    assert bytes(decode(b"".join(bytes(p) for p, _ in chunks), meta, len(raw))) == raw
+
+
+def test_adaptive_with_idle_encoders_compresses_as_much():
+    """Asked for its chunks only once the encoders are done, an adaptive encode gives
+    exactly the plain encoding."""
+    raw = tensor_bytes(weights_like(1_500_000, torch.bfloat16))
+    with ThreadPoolExecutor(2) as pool:
+        chunks = codec.encode_chunks(memoryview(raw), 2, True, executor=pool, adaptive=True)
+        first = next(chunks)  # queues every chunk's job
+        pool.shutdown(wait=True)  # ... and lets them all finish
+        adaptive = [first, *chunks]
+    pieces, meta = codec.encode(memoryview(raw), 2, True)
+    assert [m for _, m in adaptive] == meta["chunks"]
+    assert b"".join(bytes(p) for p, _ in adaptive) == b"".join(bytes(p) for p in pieces)
 
 
 def test_plan_chunks_covers_range_in_whole_elements():

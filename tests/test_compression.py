@@ -34,6 +34,21 @@ def saved(ckpt):
     return ckpt, obj, r
 
 
+def test_auto_compression_round_trips(ckpt):
+    """compression="auto" stores each chunk compressed or raw, as the encoders keep up;
+    either way every read path gives the exact state back and verify passes."""
+    obj = weights()
+    with fastckpt.Checkpointer(compression="auto", staging_budget=4 << 20,
+                               shard_size=2 << 20) as c:
+        c.save(obj, ckpt).wait(timeout=120)
+    m = fastckpt.manifest.read(ckpt)
+    assert m.tensor("big").codec is not None and m.tensor("tiny").codec is None
+    assert m.disk_bytes <= m.nbytes
+    for mmap in (True, False):
+        assert_same(obj, fastckpt.load(ckpt, mmap=mmap, verify=True))
+    assert fastckpt.verify(ckpt).ok
+
+
 def test_round_trip_every_read_path(saved):
     path, obj, _ = saved
     for mmap in (True, False):
