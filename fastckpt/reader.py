@@ -578,6 +578,20 @@ def _verify_shard(ckpt: str, m: mf.Manifest, index: int) -> list[str]:
         shard.close()
 
 
+def _tree_problems(ckpt: str, m: mf.Manifest) -> list[str]:
+    """Decode the saved trees without their tensors, so that verify reports what load
+    would refuse even in a manifest whose own checksum matches."""
+    def reference(index: int, tag: str) -> None:
+        m.ref(index)
+
+    try:
+        for tree in [m.tree, *(m.ranks or [])]:
+            unflatten(tree, reference)
+    except CheckpointError as e:
+        return [f"{ckpt}: {e}"]
+    return []
+
+
 def verify(path: Any, workers: int = 4,
            progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Check a checkpoint against its manifest: every shard present, the right size,
@@ -594,6 +608,7 @@ def verify(path: Any, workers: int = 4,
     if m.checksum is None:
         report.problems.append(f"{ckpt}: saved without checksums; nothing to verify")
         return report
+    report.problems += _tree_problems(ckpt, m)
     report.nbytes = sum(s.size for s in m.shards)
     with cf.ThreadPoolExecutor(min(workers, max(1, len(m.shards)))) as pool:
         for i, problems in enumerate(pool.map(lambda i: _verify_shard(ckpt, m, i),

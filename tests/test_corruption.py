@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -142,10 +143,14 @@ def test_manifest_not_json(saved):
     ],
 )
 def test_lying_manifest(saved, edit, match):
+    """A manifest sealed with a fresh checksum over bad content: load refuses it and
+    verify reports the same problem, the trees included."""
     path, _ = saved
     edit_manifest(path, edit)
     with pytest.raises(fastckpt.CorruptCheckpointError, match=match):
         fastckpt.load(path)
+    report = fastckpt.verify(path)
+    assert any(re.search(match, p) for p in report.problems), report.problems
 
 
 def test_lying_header_offsets(saved):
