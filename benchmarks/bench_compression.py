@@ -7,8 +7,9 @@ built from real trained weights (all-MiniLM-L6-v2, see bench_codec), as bf16 wei
 plus an fp32 master copy, repeated to ``--copies``; without the model package it
 falls back to synthetic weights and says so.
 
-The throttle wraps the writer's ``os.write``/``os.pwrite`` in a token bucket shared
-by all writer threads, so it limits what reaches the disk, not the pipeline.
+The throttle wraps the writer's ``os.write``/``os.pwrite``/``os.fsync``: a link of the
+given rate behind a 64 MiB write-back buffer, shared by all writer threads, so it
+limits what reaches the disk, not the pipeline.
 """
 
 from __future__ import annotations
@@ -45,24 +46,35 @@ def training_state(copies: int) -> tuple[dict, str]:
 
 
 class Throttle:
-    """Stands in for ``os`` in the writer, letting through at most ``rate`` bytes/s."""
+    """Stands in for ``os`` in the writer: a disk that takes in at most ``rate`` bytes/s
+    behind a write-back buffer of ``buffer`` bytes, as a network filesystem's client
+    does. A write returns once the data queued before it fits in the buffer; an
+    ``fsync`` once everything queued has drained. The link is shared by all writer
+    threads."""
 
-    def __init__(self, rate: float) -> None:
-        self.rate, self._lock, self._next = rate, threading.Lock(), time.monotonic()
+    def __init__(self, rate: float, buffer: int = 64 << 20) -> None:
+        self.rate, self.buffer = rate, buffer
+        self._lock, self._drained = threading.Lock(), time.monotonic()
 
-    def _wait(self, n: int) -> None:
+    def _queue(self, n: int) -> None:
         with self._lock:
-            start = max(self._next, time.monotonic())
-            self._next = start + n / self.rate
-        time.sleep(max(0.0, start + n / self.rate - time.monotonic()))
+            self._drained = max(self._drained, time.monotonic()) + n / self.rate
+            until = self._drained - self.buffer / self.rate
+        time.sleep(max(0.0, until - time.monotonic()))
 
     def write(self, fd, data):
-        self._wait(len(memoryview(data).cast("B")))
+        self._queue(len(memoryview(data).cast("B")))
         return os.write(fd, data)
 
     def pwrite(self, fd, data, offset):
-        self._wait(len(memoryview(data).cast("B")))
+        self._queue(len(memoryview(data).cast("B")))
         return os.pwrite(fd, data, offset)
+
+    def fsync(self, fd):
+        with self._lock:
+            until = self._drained
+        time.sleep(max(0.0, until - time.monotonic()))
+        return os.fsync(fd)
 
     def __getattr__(self, name):
         return getattr(os, name)

@@ -152,8 +152,12 @@ class Checkpointer:
         self._writers = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="fastckpt-write")
         self._hashers = DaemonPool(self.workers, "fastckpt-hash")
         # Codec chunks run on their own threads: the writer that waits for them must
-        # not be holding the only worker that could run them.
-        self._encoders = DaemonPool(self.workers, "fastckpt-encode")
+        # not be holding the only worker that could run them. One per core, as the work
+        # is all CPU, and at a lower priority, so that compression only takes the CPU
+        # time that training and the rest of the save leave (under "auto" nothing
+        # waits for it).
+        self._encoders = DaemonPool(min(self.workers, os.cpu_count() or 1), "fastckpt-encode",
+                                    nice=10)
         # One committer thread: saves commit in the order they were made.
         self._committer = cf.ThreadPoolExecutor(1, thread_name_prefix="fastckpt-commit")
         self._slots = threading.BoundedSemaphore(max_inflight)

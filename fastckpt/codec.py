@@ -141,44 +141,51 @@ def encode(
     Chunks are encoded on ``executor`` when one is given; it must not be the pool that
     runs this call, or a full pool would wait on itself.
     """
-    results = list(encode_chunks(data, itemsize, is_float, level, executor))
+    results = list(Encoding(data, itemsize, is_float, level, executor))
     meta = {"codec": "zstd", "level": level, "chunks": [m for _, m in results]}
     return [p for p, _ in results], meta
 
 
-def encode_chunks(
-    data: memoryview,
-    itemsize: int,
-    is_float: bool,
-    level: int = DEFAULT_LEVEL,
-    executor=None,
-    adaptive: bool = False,
-) -> Iterator[tuple[bytes | memoryview, dict]]:
-    """Encode a whole tensor's bytes lazily: ``(payload, chunk_meta)`` per chunk, in
-    order, as :func:`encode` lists them; every chunk is queued on ``executor`` at once.
+class Encoding:
+    """A tensor's bytes being encoded: every chunk is queued on ``executor`` (when one
+    is given) at construction; iterating yields ``(payload, chunk_meta)`` per chunk in
+    order, as :func:`encode` lists them, each as soon as it is ready.
 
-    ``adaptive``: a chunk that the executor has not started by the time it is asked
-    for is stored raw instead (its job cancelled). A consumer that paces itself, such
-    as a writer waiting for the disk, then gets compressed only what the executor
-    keeps ahead of it: compression never makes it wait for the CPU.
+    ``adaptive``: a chunk not yet encoded by the time it is asked for is stored raw
+    instead (its job cancelled, or its result dropped). A consumer that paces itself,
+    such as a writer waiting for the disk, then gets compressed only what the
+    executor keeps ahead of it: compression never makes it wait for the CPU.
     """
-    data = _byte_view(data)
-    if not isinstance(level, int) or not _LEVEL_RANGE[0] <= level <= _LEVEL_RANGE[1]:
-        raise ValueError(f"zstd level must be an int in {_LEVEL_RANGE}, not {level!r}")
-    if len(data) < MIN_COMPRESS_BYTES:
-        if len(data):
-            yield _raw_chunk(data)
-        return
-    jobs = [(data[a:b], itemsize, is_float, level) for a, b in plan_chunks(len(data), itemsize)]
-    if executor is None or len(jobs) < 2:
-        yield from (encode_chunk(*job) for job in jobs)
-        return
-    futures = [executor.submit(encode_chunk, *job) for job in jobs]
-    try:
-        for job, f in zip(jobs, futures, strict=True):
-            yield _raw_chunk(job[0]) if adaptive and f.cancel() else f.result()
-    finally:
-        for f in futures:  # the consumer stopped early (a failed write): drop the rest
+
+    def __init__(self, data: memoryview, itemsize: int, is_float: bool,
+                 level: int = DEFAULT_LEVEL, executor=None, adaptive: bool = False) -> None:
+        data = _byte_view(data)
+        if not isinstance(level, int) or not _LEVEL_RANGE[0] <= level <= _LEVEL_RANGE[1]:
+            raise ValueError(f"zstd level must be an int in {_LEVEL_RANGE}, not {level!r}")
+        self.adaptive = adaptive
+        small = len(data) < MIN_COMPRESS_BYTES
+        self._small = _raw_chunk(data) if small and len(data) else None
+        self._jobs = [] if small else [(data[a:b], itemsize, is_float, level)
+                                       for a, b in plan_chunks(len(data), itemsize)]
+        self._futures = None if executor is None else [
+            executor.submit(encode_chunk, *job) for job in self._jobs]
+
+    def __iter__(self) -> Iterator[tuple[bytes | memoryview, dict]]:
+        if self._small is not None:
+            yield self._small
+        if self._futures is None:
+            yield from (encode_chunk(*job) for job in self._jobs)
+            return
+        for job, f in zip(self._jobs, self._futures, strict=True):
+            if self.adaptive and not f.done():
+                f.cancel()  # a chunk already being encoded finishes unused
+                yield _raw_chunk(job[0])
+            else:
+                yield f.result()
+
+    def cancel(self) -> None:
+        """Drop the chunks not yet encoded (their consumer has failed)."""
+        for f in self._futures or []:
             f.cancel()
 
 

@@ -44,7 +44,9 @@ class Compression:
 
 # An adaptive writer lets this much of its shard wait for the disk before it waits too:
 # enough to keep the disk busy, little enough that the encoders get the disk's time.
+# It checks every PACE_STEP bytes (each check walks the file's cached pages).
 PACE_WINDOW = 32 << 20
+PACE_STEP = 8 << 20
 
 
 class DaemonPool:
@@ -54,14 +56,16 @@ class DaemonPool:
     begun, while an exiting program still waits (atexit) for its saves to finish.
     """
 
-    def __init__(self, n: int, name: str) -> None:
+    def __init__(self, n: int, name: str, nice: int = 0) -> None:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
-                         for i in range(n)]
+        self._threads = [threading.Thread(target=self._run, args=(nice,), name=f"{name}-{i}",
+                                          daemon=True) for i in range(n)]
         for t in self._threads:
             t.start()
 
-    def _run(self) -> None:
+    def _run(self, nice: int) -> None:
+        if nice:
+            _lower_priority(nice)
         for fn, args, fut in iter(self._q.get, None):
             if fut.set_running_or_notify_cancel():
                 try:
@@ -79,6 +83,16 @@ class DaemonPool:
             self._q.put(None)
         for t in self._threads:
             t.join()
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice value by ``nice`` (Linux threads have their own), so that
+    it only takes CPU time that other threads leave."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except (AttributeError, OSError):  # no per-thread priorities here: run as is
+        pass
 
 
 def write_all(fd: int, data) -> None:
@@ -131,28 +145,41 @@ class _Encoder:
     def __init__(self, shard: ShardPlan, kind: str | None, opts: Compression) -> None:
         self.kind, self.opts = kind, opts
         self.cursor = shard.raw_bytes  # relative to the data section
+        self.paced = 0  # the file offset an adaptive writer last waited for
         self.spans: dict[str, list[int]] = {}
         self.chunks: dict[str, list] = {}
         self.hashers: dict[str, ck.Hasher] = {}
 
-    def write(self, fd: int, data_start: int, s: Stored, piece: memoryview) -> None:
+    def start(self, s: Stored, piece: memoryview) -> codec.Encoding:
+        """Queue the chunks of one piece of ``s`` on the encoders."""
+        dt, opts = s.source.dtype, self.opts
+        return codec.Encoding(piece, dt.itemsize, dt.is_floating_point, opts.level,
+                              opts.executor, opts.adaptive)
+
+    def write(self, fd: int, data_start: int, s: Stored, encoding: codec.Encoding) -> None:
+        """Append the payload of a piece started with :meth:`start`."""
         if s.name not in self.spans:
             self.spans[s.name] = [self.cursor, self.cursor]
             self.chunks[s.name] = []
             if self.kind is not None:
                 self.hashers[s.name] = ck.new_hasher(self.kind)
-        dt, opts = s.source.dtype, self.opts
-        for part, meta in codec.encode_chunks(piece, dt.itemsize, dt.is_floating_point,
-                                              opts.level, opts.executor, opts.adaptive):
+        opts = self.opts
+        for part, meta in encoding:
             self.chunks[s.name].append(meta)
             if self.kind is not None:
                 self.hashers[s.name].update(part)
             pwrite_all(fd, part, data_start + self.cursor)
             self.cursor += len(part)
             if opts.adaptive:
-                fileio.start_writeback(fd)
-                fileio.wait_writeback(fd, data_start + self.cursor - PACE_WINDOW)
+                self._pace(fd, data_start + self.cursor)
         self.spans[s.name][1] = self.cursor
+
+    def _pace(self, fd: int, end: int) -> None:
+        """Keep at most ``PACE_WINDOW`` bytes of this shard waiting for the disk."""
+        if end - PACE_WINDOW >= self.paced + PACE_STEP:
+            fileio.start_writeback(fd)
+            self.paced = end - PACE_WINDOW
+            fileio.wait_writeback(fd, self.paced)
 
     def entry(self, name: str, raw_digest: str | None) -> dict:
         h = self.hashers.get(name)
@@ -222,12 +249,20 @@ def _write_block(fd: int, shard: ShardPlan, block: Block, data: memoryview,
         write_all(fd, data)  # the data section is written in order, straight through
         return
     base = len(shard.header)
-    for s, a, b, dst in block.pieces:
-        piece = data[dst : dst + (b - a)]
-        if s.compress:
-            encoder.write(fd, base, s, piece)
-        else:
-            pwrite_all(fd, piece, base + s.start + a)
+    # Every compressed piece of the block is queued before the first is written, so
+    # the encoders work ahead of the writer across pieces, small tensors included.
+    pieces = [(s, a, data[dst : dst + (b - a)]) for s, a, b, dst in block.pieces]
+    encodings = {i: encoder.start(s, piece) for i, (s, _, piece) in enumerate(pieces)
+                 if s.compress}
+    try:
+        for i, (s, a, piece) in enumerate(pieces):
+            if s.compress:
+                encoder.write(fd, base, s, encodings[i])
+            else:
+                pwrite_all(fd, piece, base + s.start + a)
+    finally:
+        for encoding in encodings.values():
+            encoding.cancel()  # after a failed write: no work left queued on this block
 
 
 def _finish(fd: int, shard: ShardPlan, digests: _Digests, encoder: _Encoder | None

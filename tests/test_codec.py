@@ -104,13 +104,13 @@ def test_parallel_encode_matches_serial():
 
 
 def test_adaptive_stores_raw_what_the_executor_has_not_started():
-    """With its only encoder busy, an adaptive encode does not wait: every chunk comes
+    """With its only encoder busy, an adaptive encoding does not wait: every chunk comes
     back raw (its job cancelled) and the payload decodes bit-exactly."""
     raw = tensor_bytes(weights_like(1_500_000, torch.bfloat16))
     release = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         blocker = pool.submit(release.wait)
-        chunks = codec.encode_chunks(memoryview(raw), 2, True, executor=pool, adaptive=True)
+        chunks = iter(codec.Encoding(memoryview(raw), 2, True, executor=pool, adaptive=True))
         first = next(chunks)  # queued behind the blocker, so raw
         rest = list(chunks)
         release.set()
@@ -123,14 +123,13 @@ def test_adaptive_stores_raw_what_the_executor_has_not_started():
 
 
 def test_adaptive_with_idle_encoders_compresses_as_much():
-    """Asked for its chunks only once the encoders are done, an adaptive encode gives
-    exactly the plain encoding."""
+    """Asked for its chunks only once the encoders are done, an adaptive encoding gives
+    exactly the plain one."""
     raw = tensor_bytes(weights_like(1_500_000, torch.bfloat16))
     with ThreadPoolExecutor(2) as pool:
-        chunks = codec.encode_chunks(memoryview(raw), 2, True, executor=pool, adaptive=True)
-        first = next(chunks)  # queues every chunk's job
-        pool.shutdown(wait=True)  # ... and lets them all finish
-        adaptive = [first, *chunks]
+        encoding = codec.Encoding(memoryview(raw), 2, True, executor=pool, adaptive=True)
+        pool.shutdown(wait=True)  # lets every queued chunk finish
+        adaptive = list(encoding)
     pieces, meta = codec.encode(memoryview(raw), 2, True)
     assert [m for _, m in adaptive] == meta["chunks"]
     assert b"".join(bytes(p) for p, _ in adaptive) == b"".join(bytes(p) for p in pieces)
