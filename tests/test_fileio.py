@@ -248,3 +248,27 @@ def test_prefault_leaves_bytes_unchanged(impl, tmp_path, big_file, access):
         assert mm[:] == data
     assert path.read_bytes() == data
     fileio.prefault(b"")  # nothing to touch
+
+
+def test_writeback_is_advisory(tmp_path):
+    """Starting or waiting for writeback leaves the file's bytes as written, and never
+    raises: even on a descriptor that is not a file, fsync is what reports errors."""
+    data = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fileio.pwrite_all(fd, 0, data)
+        fileio.start_writeback(fd)
+        fileio.wait_writeback(fd, len(data) // 2)
+        fileio.wait_writeback(fd, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data.tobytes()
+    r, w = os.pipe()
+    try:
+        fileio.start_writeback(r)
+        fileio.wait_writeback(w, 1 << 20)
+    finally:
+        os.close(r)
+        os.close(w)
