@@ -97,11 +97,16 @@ def _stamp(manifest: str) -> list[int] | None:
 
 
 class Catalog:
-    """Committed checkpoints under ``root`` (``root/step_<n>/``), by step."""
+    """Committed checkpoints under ``root`` (``root/step_<n>/``), by step.
 
-    def __init__(self, root: str) -> None:
+    ``write_index=False`` for a reader that shares the root with the one process
+    that maintains it (the other ranks of a group): it never writes the index.
+    """
+
+    def __init__(self, root: str, write_index: bool = True) -> None:
         self.root = root
         self.index_path = os.path.join(root, INDEX_NAME)
+        self.write_index = write_index
         self._cache: dict[str, tuple[list[int], CheckpointInfo]] = self._read_index()
 
     def path(self, step: int) -> str:
@@ -139,11 +144,14 @@ class Catalog:
                 continue
             try:
                 found[entry] = (stamp, read_info(path, int(m.group(1))))
+            except FileNotFoundError:
+                continue  # removed since it was listed (by the rank that applies retention)
             except (CheckpointError, ValueError, TypeError) as e:
                 log.warning("skipping unreadable checkpoint %s: %s", path, e)
         if {k: v[0] for k, v in found.items()} != {k: v[0] for k, v in self._cache.items()}:
             self._cache = found
-            self._write_index()
+            if self.write_index:
+                self._write_index()
         return {info.step: info for _, info in found.values()}
 
     def _listdir(self) -> list[str]:

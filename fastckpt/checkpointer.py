@@ -134,7 +134,7 @@ class Checkpointer:
         compression: str | None = None,
         compression_level: int | None = None,
         process_group: Any = None,
-        collective_timeout: float = 1800.0,
+        collective_timeout: float = dist.COLLECTIVE_TIMEOUT,
     ) -> None:
         if shard_size <= 0 or max_inflight < 1:
             raise ValueError("shard_size must be > 0 and max_inflight >= 1")

@@ -12,6 +12,10 @@ then runs on the committer thread over a gloo group used by nothing else:
    writes the manifest and moves the directory into place (``commit.commit``);
 3. rank 0 broadcasts the outcome, which every rank's handle reports.
 
+Decisions that the ranks must share outside a save (those of a
+``CheckpointManager``: which step to save, which checkpoint to load) go through a
+:class:`Consensus`, on the caller's thread over a gloo group of its own.
+
 So the checkpoint is committed only when every rank's shards are on disk, and a
 rank reports success only after the commit. A rank that dies or fails makes every
 rank's save fail (a dead peer closes its connections; a silent one runs into
@@ -28,8 +32,9 @@ import os
 import shutil
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import xxhash
@@ -50,6 +55,10 @@ from .reader import CheckpointReader
 from .restore import LoadReport, _expand
 from .restore import load_into as _load_into
 from .tree import Flat, dtype_name, flatten, key_path
+
+T = TypeVar("T")
+# Seconds a rank waits for the others in a collective before giving up.
+COLLECTIVE_TIMEOUT = 1800.0
 
 
 def rank_prefix(rank: int) -> str:
@@ -271,13 +280,88 @@ class _Gloo:
         return box[0]
 
 
+def channel(group: Any, timeout: float) -> _Solo | _Gloo:
+    """A channel for small messages among the ranks of ``group`` (None: this process
+    alone). Creating one over a group is collective."""
+    return _Solo() if group is None else _Gloo(group, timeout)
+
+
+def _tell_lost(comm: _Solo | _Gloo, e: BaseException) -> None:
+    """Rank 0, after a failed gather: tell the ranks still waiting for its broadcast,
+    so that they fail at once instead of after the timeout (best effort)."""
+    with contextlib.suppress(Exception):
+        comm.broadcast(("error", f"rank 0 lost contact with a rank: {e}", CheckpointWriteError))
+
+
+class Consensus:
+    """Decisions every rank of a group must share, made once by rank 0 and told to the
+    others, so that they never race. Each :meth:`settle` is collective: every rank
+    makes the same calls in the same order (a call that differs fails on every rank).
+    It runs on the caller's thread over a gloo group of its own (commit rounds have
+    theirs); over no group (``group`` None) this process decides alone, at no cost.
+    After losing contact with a rank, every later call fails at once."""
+
+    def __init__(self, group: Any, timeout: float) -> None:
+        self.comm = channel(group, timeout)
+        self.rank, self.world = self.comm.rank, self.comm.world
+        self.broken: str | None = None
+
+    def run(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` run by rank 0 alone; its result, or its error, on every rank."""
+        return self.settle(what, None, lambda _: fn())
+
+    def settle(self, what: str, report: Any, decide: Callable[[list], T]) -> T:
+        """Send rank 0 this rank's ``report`` on ``what``; on every rank, return what
+        rank 0's ``decide(reports)`` returns, or raise what it raises (rank 0 the
+        original; the others one of its class if a ``CheckpointError``, else a
+        ``CheckpointError``). Results and reports must pickle."""
+        if self.broken:
+            raise CheckpointError(f"lost contact with the other ranks for good: {self.broken}")
+        outcome, error = None, None
+        try:
+            reports = self.comm.gather((what, report))
+        except Exception as e:  # noqa: BLE001 - a dead or silent peer
+            if self.rank == 0:
+                _tell_lost(self.comm, e)
+            raise self._lost(what, e) from e
+        if self.rank == 0:
+            outcome, error = _attempt(what, reports, decide)
+        try:
+            outcome = self.comm.broadcast(outcome)
+        except Exception as e:  # noqa: BLE001
+            raise self._lost(what, e) from e
+        if error is not None:
+            raise error
+        if outcome[0] == "error":
+            raise outcome[2](outcome[1])
+        return outcome[1]
+
+    def _lost(self, what: str, e: BaseException) -> CheckpointError:
+        self.broken = f"{e}"
+        return CheckpointError(f"rank {self.rank}: {what}: another rank is gone or too slow: {e}")
+
+
+def _attempt(what: str, reports: list, decide: Callable[[list], Any]
+             ) -> tuple[tuple, BaseException | None]:
+    """Rank 0: the outcome of ``decide`` to broadcast, and the error to raise here."""
+    try:
+        calls = [w for w, _ in reports]
+        if calls != [what] * len(calls):
+            raise CheckpointError(f"the ranks are out of step: they call {calls}")
+        return ("ok", decide([r for _, r in reports])), None
+    except Exception as e:  # noqa: BLE001 - every rank raises it
+        if isinstance(e, CheckpointError):
+            return ("error", str(e), type(e)), e
+        return ("error", _describe(e), CheckpointError), e
+
+
 class Coordinator:
     """The scope of saves made together by the ranks of one group (see the module
     docstring). Created by :class:`fastckpt.Checkpointer` on first use of a group,
     which is collective: every rank of the group must take part."""
 
     def __init__(self, group: Any, timeout: float) -> None:
-        self.comm = _Solo() if group is None else _Gloo(group, timeout)
+        self.comm = channel(group, timeout)
         self.rank, self.world = self.comm.rank, self.comm.world
         # Rank 0's pid names the shared directory, so rank 0 (which cleans up after
         # crashed saves) knows it as its own and leaves it alone.
@@ -364,8 +448,7 @@ class Coordinator:
         if self.rank == 0:
             if report["tmp"]:
                 shutil.rmtree(report["tmp"], ignore_errors=True)
-            with contextlib.suppress(Exception):  # best effort; the rest time out
-                self.comm.broadcast(("error", f"rank 0 lost contact with a rank: {e}"))
+            _tell_lost(self.comm, e)
 
 
 def _describe(e: BaseException) -> str:

@@ -5,6 +5,11 @@ Everything the manager knows comes from the committed checkpoints themselves (th
 manifests carry step, metrics, tags, description and time), so it agrees with the
 disk after a crash, a restart or a directory deleted by hand. Old checkpoints are
 removed on a background thread once a new one has committed, never on the caller's.
+
+Under ``torch.distributed`` every rank runs a manager over the same root and the
+ranks save each step together into one checkpoint. Whatever must agree across ranks
+is decided by rank 0 (``dist.Consensus``), and only rank 0 changes the root: it
+removes checkpoints and writes the index; the other ranks only read it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from numbers import Integral, Real
 from typing import Any
 
-from . import export, reader, transfer
+from . import dist, export, reader, transfer
 from .catalog import Catalog, CheckpointInfo, read_info
 from .checkpointer import Checkpointer, PathLike, SaveHandle
 from .errors import (
@@ -30,6 +35,7 @@ from .errors import (
     MetricError,
     StepExistsError,
 )
+from .restore import LoadReport
 from .retention import RetentionPolicy
 
 log = logging.getLogger("fastckpt")
@@ -52,6 +58,15 @@ class CheckpointManager:
     best, or the single best) in a second directory. ``checkpointer`` is the engine
     to save with (by default the manager owns one).
 
+    ``process_group``: the ``torch.distributed`` group whose ranks manage ``root``
+    together (default: the default group when torch.distributed is initialised with
+    more than one rank; ``False``: this process alone). Every rank then creates the
+    manager and calls ``save``, ``wait``, ``close``, the ``restore`` methods,
+    ``delete``, ``import_`` and the exports collectively; rank 0 decides and alone
+    changes the root. Queries (``list``, ``latest``...) are local reads. The
+    group's timeout is ``checkpointer``'s ``collective_timeout``. See
+    docs/MANAGER.md.
+
     On start, leftovers of crashed saves under ``root`` are cleaned up. Use as a
     context manager, or call :meth:`close` to wait for saves and their housekeeping.
     """
@@ -70,6 +85,7 @@ class CheckpointManager:
         save_best_only: bool = False,
         backup_dir: PathLike | None = None,
         checkpointer: Checkpointer | None = None,
+        process_group: Any = None,
     ) -> None:
         self.policy = RetentionPolicy(
             keep_last, keep_best, metric, mode, keep_every, keep_every_seconds
@@ -78,13 +94,15 @@ class CheckpointManager:
             _check_step(save_interval_steps, "save_interval_steps", minimum=1)
         self.save_interval_steps = save_interval_steps
         self.save_best_only = bool(save_best_only)
-        self.root = _open_root(root)
-        self._catalog = Catalog(self.root)
-        self._catalog.clean()
-        self._backups = None
-        if backup_dir is not None:
-            self._backups = Catalog(_open_root(backup_dir))
-            self._backups.clean()
+        group = dist.default_group() if process_group is None else process_group
+        self._group = group or False  # named on every save, whatever the engine's default
+        timeout = checkpointer.collective_timeout if checkpointer else dist.COLLECTIVE_TIMEOUT
+        self._ranks = dist.Consensus(group or None, timeout)
+        self._leader = self._ranks.rank == 0
+        # Rank 0 creates and cleans the roots before any rank looks at them.
+        self.root, backup = self._ranks.run("open", lambda: _open_roots(root, backup_dir))
+        self._catalog = Catalog(self.root, write_index=self._leader)
+        self._backups = None if backup is None else Catalog(backup, write_index=self._leader)
         self._owns_checkpointer = checkpointer is None
         self._ckpt = checkpointer or Checkpointer()
         self._lock = threading.RLock()
@@ -105,6 +123,7 @@ class CheckpointManager:
         tags: Iterable[str] = (),
         description: str = "",
         force: bool = False,
+        per_rank: Any = None,
     ) -> SaveHandle | None:
         """Save ``state`` as the checkpoint of ``step``, like :func:`fastckpt.save`.
 
@@ -114,30 +133,28 @@ class CheckpointManager:
         replaces it, atomically) or being saved, and :class:`MetricError` if the
         policy ranks by a metric missing from ``metrics``. Once the save commits,
         checkpoints the policy no longer keeps are removed in the background.
+
+        Under a process group every rank calls it with the same ``step``: ``state``
+        is the replicated state, ``per_rank`` this rank's own (as in
+        :meth:`Checkpointer.save`). Rank 0's ``metrics``, ``tags``, ``description``
+        and ``force`` decide and are recorded; an error on any rank is raised on all.
         """
-        step = _check_step(step, "step")
-        metrics = _check_metrics(metrics)
-        tags = _check_tags(tags)
         with self._lock:
-            if self._closed:
-                raise CheckpointError("this CheckpointManager is closed")
-            self._check_metric(metrics)
-            committed = self._catalog.scan()
-            if not force and self._skip(step, metrics, committed):
+            try:
+                step, metrics, tags = self._check_save(step, metrics, tags)
+                report: Any = step
+            except CheckpointError as e:
+                report = e
+            if not self._ranks.settle(
+                "save", report, lambda reports: self._may_save(reports, metrics, force)
+            ):
                 return None
-            self._check_free(step, committed, force)
             info = CheckpointInfo(
                 step, self._catalog.path(step), time.time(), metrics, tags,
                 str(description), 0, None,
             )
-            meta = {
-                "step": step,
-                "time": info.time,
-                "metrics": metrics,
-                "tags": list(tags),
-                "description": info.description,
-            }
-            handle = self._ckpt.save(state, info.path, metadata=meta)
+            handle = self._ckpt.save(state, info.path, metadata=_metadata(info),
+                                     per_rank=per_rank, process_group=self._group)
             self._pending[step] = info
             job: cf.Future = cf.Future()
             self._jobs = [j for j in self._jobs if not j.done()] + [job]
@@ -145,6 +162,32 @@ class CheckpointManager:
             lambda err: self._housekeeper.submit(self._after_save, step, err, job)
         )
         return handle
+
+    def _check_save(self, step: Any, metrics: Any, tags: Any
+                    ) -> tuple[int, dict[str, Any], tuple[str, ...]]:
+        """This rank's arguments to ``save``, checked."""
+        step = _check_step(step, "step")
+        metrics = _check_metrics(metrics)
+        tags = _check_tags(tags)
+        if self._closed:
+            raise CheckpointError("this CheckpointManager is closed")
+        self._check_metric(metrics)
+        return step, metrics, tags
+
+    def _may_save(self, reports: list, metrics: dict, force: bool) -> bool:
+        """Rank 0: whether the ranks save the step they report (False: skipped);
+        raises why not. ``reports`` are the ranks' steps or errors."""
+        for r, rep in enumerate(reports):
+            if isinstance(rep, CheckpointError):
+                raise rep if len(reports) == 1 else type(rep)(f"rank {r}: {rep}")
+        if len(set(reports)) > 1:
+            raise InvalidArgumentError(f"the ranks save different steps: {reports}")
+        step = reports[0]
+        committed = self._catalog.scan()
+        if not force and self._skip(step, metrics, committed):
+            return False
+        self._check_free(step, committed, force)
+        return True
 
     def _check_metric(self, metrics: dict) -> None:
         if not (self.policy.keep_best or self.save_best_only):
@@ -182,7 +225,7 @@ class CheckpointManager:
         try:
             with self._lock:
                 self._pending.pop(step, None)
-            if error is None:
+            if error is None and self._leader:
                 self._prune()
                 self._sync_backups()
         except Exception as e:
@@ -279,11 +322,31 @@ class CheckpointManager:
     def restore(self, which: int | str = "latest", **load_kwargs: Any) -> Any:
         """Load the checkpoint ``"latest"``, ``"best"`` or of a given step;
         ``load_kwargs`` (``map_location``, ``mmap``, ``verify``) go to
-        :func:`fastckpt.load`."""
-        return self._ckpt.load(self._find(which).path, **load_kwargs)
+        :func:`fastckpt.load`. Under a process group the state saved as replicated,
+        with sharded tensors whole, from the checkpoint rank 0 picks."""
+        return self._ckpt.load(self._pick(which), **load_kwargs)
+
+    def restore_into(self, target: Any, which: int | str = "latest", *, strict: bool = True,
+                     verify: bool = False) -> LoadReport:
+        """Load checkpoint ``which`` in place into ``target`` with
+        :func:`fastckpt.dist.load_into`: sharded leaves (``Sharded``, ``DTensor``)
+        receive this rank's block, everything else the whole saved value."""
+        return dist.load_into(self._pick(which), target, strict=strict, verify=verify)
+
+    def restore_rank_state(self, which: int | str = "latest") -> Any:
+        """This rank's ``per_rank`` state from checkpoint ``which``, or None when it was
+        saved by fewer ranks (:func:`fastckpt.dist.load_rank_state`)."""
+        return dist.load_rank_state(self._pick(which), self._ranks.rank)
+
+    def _pick(self, which: int | str) -> str:
+        """The path of checkpoint ``which``: rank 0's choice, on every rank."""
+        return self._ranks.run("restore", lambda: self._find(which).path)
 
     def delete(self, step: int) -> None:
         """Remove the checkpoint of ``step`` (its name disappears atomically)."""
+        self._ranks.run("delete", lambda: self._delete(step))
+
+    def _delete(self, step: int) -> None:
         with self._lock:
             if step in self._pending:
                 raise CheckpointError(f"step {step} is being saved in {self.root}")
@@ -296,7 +359,9 @@ class CheckpointManager:
     def export(self, step: int | str, dest: PathLike) -> str:
         """Copy checkpoint ``step`` (or ``"latest"`` / ``"best"``) to the directory
         ``dest``, verified before it is renamed into place. Returns ``dest``."""
-        return transfer.copy_checkpoint(self._find(step).path, os.fspath(dest))
+        return self._ranks.run(
+            "export", lambda: transfer.copy_checkpoint(self._find(step).path, os.fspath(dest))
+        )
 
     def import_(self, src: PathLike, step: int | None = None, force: bool = False
                 ) -> CheckpointInfo:
@@ -304,6 +369,9 @@ class CheckpointManager:
         step in its metadata), verified before it appears. Retention is not applied
         to imports. Raises :class:`StepExistsError` unless the step is free or
         ``force=True``."""
+        return self._ranks.run("import", lambda: self._import(src, step, force))
+
+    def _import(self, src: PathLike, step: int | None, force: bool) -> CheckpointInfo:
         src_info = read_info(reader.resolve(os.fspath(src)))
         step = src_info.step if step is None else _check_step(step, "step")
         if step is None:
@@ -325,39 +393,71 @@ class CheckpointManager:
         ``training_metadata.json``, ``README.md``). The weights are
         ``state["model"]`` (``state["ema_model"]`` with ``use_ema``) as
         :class:`~fastckpt.TrainingState` saves them. Returns ``dest``."""
-        return export.export_for_inference(
+        return self._ranks.run("export", lambda: export.export_for_inference(
             self._find(step).path, os.fspath(dest), use_ema=use_ema,
             max_shard_size=max_shard_size,
-        )
+        ))
 
     # -- lifecycle ----------------------------------------------------------------
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until every save made so far has committed (or failed) and its
         housekeeping (removals, backups) is done; raises ``TimeoutError`` after
-        ``timeout`` s. Save failures are raised by their handles, not here."""
+        ``timeout`` s. Save failures are raised by their handles, not here.
+
+        Under a process group, every rank returns once every rank's saves and rank
+        0's housekeeping are done, so that their queries then agree."""
+        late = self._ranks.settle("wait", self._wait_here(timeout), sum)
+        if late:
+            raise TimeoutError(f"{late} saves in {self.root} still running")
+
+    def _wait_here(self, timeout: float | None) -> int:
+        """Wait for this process's saves and housekeeping; how many are still running."""
         with self._lock:
             jobs = list(self._jobs)
-        _, pending = cf.wait(jobs, timeout=timeout)
-        if pending:
-            raise TimeoutError(f"{len(pending)} saves in {self.root} still running")
+        return len(cf.wait(jobs, timeout=timeout).not_done)
 
     def close(self) -> None:
         """Wait for saves and housekeeping, then stop (closing an owned engine)."""
+        self._close(agree=True)
+
+    def _close(self, agree: bool) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self.wait()
-        self._housekeeper.shutdown(wait=True)
-        if self._owns_checkpointer:
-            self._ckpt.close()
+        try:
+            if agree:
+                self.wait()
+            else:
+                self._wait_here(None)
+        finally:
+            self._housekeeper.shutdown(wait=True)
+            if self._owns_checkpointer:
+                self._ckpt.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        # A rank leaving by an exception may be the only one leaving: it must not
+        # wait for the others (they fail at their next collective call instead).
+        self._close(agree=exc_type is None)
+
+
+def _open_roots(root: PathLike, backup_dir: PathLike | None) -> tuple[str, str | None]:
+    """Create the root (and backup root), clean up after crashed saves there, and
+    return their absolute paths."""
+    paths = [_open_root(d) for d in (root, backup_dir) if d is not None]
+    for d in paths:
+        Catalog(d).clean()
+    return paths[0], paths[1] if backup_dir is not None else None
+
+
+def _metadata(info: CheckpointInfo) -> dict[str, Any]:
+    """What a manager records in a checkpoint's manifest."""
+    return {"step": info.step, "time": info.time, "metrics": info.metrics,
+            "tags": list(info.tags), "description": info.description}
 
 
 def _open_root(root: PathLike) -> str:

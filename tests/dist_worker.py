@@ -8,13 +8,16 @@ import datetime
 import os
 import signal
 import sys
+import threading
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import fastckpt
-from fastckpt import writer
+from fastckpt import commit, transfer, writer
+from fastckpt.catalog import INDEX_NAME, Catalog, step_name
 from fastckpt.dist import Sharded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -173,6 +176,141 @@ def scenario_dtensor(rank, world, d):
     dcp.load(target, storage_reader=Reader(path, verify=True))
     assert torch.equal(target["w"].full_tensor(), full) and target["step"] == 4
     assert torch.equal(target["r"].to_local(), full[0])
+
+
+# -- CheckpointManager on every rank ----------------------------------------------------
+
+LOSSES = {1: 0.5, 2: 0.2, 3: 0.9, 4: 0.1, 5: 0.8, 6: 0.7}
+
+
+def managed(root, c, **policy):
+    """A manager over ``root`` on the ranks of the default group, found without naming
+    it, keeping the last two and the two best by ``loss``."""
+    return fastckpt.CheckpointManager(root, keep_last=2, keep_best=2, metric="loss",
+                                      checkpointer=c, **policy)
+
+
+def save_step(m, rank, world, step, loss):
+    """Every rank saves ``step``. Only rank 0's metrics count: the others report the
+    opposite ranking, which must change nothing."""
+    return m.save(step, state(rank, world, step), metrics={"loss": loss if rank == 0 else -loss},
+                  per_rank={"pos": torch.tensor([rank, step])})
+
+
+def agreed(m, steps):
+    """Every rank lists exactly ``steps`` (with the same details), and the root holds
+    those checkpoints and the index, nothing else."""
+    mine = [(i.step, i.metrics, i.checksum, i.is_best, i.is_latest) for i in m.list()]
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, mine)
+    assert views == [mine] * len(views), views
+    assert [v[0] for v in mine] == steps, mine
+    assert sorted(os.listdir(m.root)) == sorted([INDEX_NAME] + [step_name(s) for s in steps])
+
+
+def changes_made():
+    """Every checkpoint removal and index write this process makes from now on."""
+    made = []
+    detach, write_index = transfer.detach, Catalog._write_index
+    transfer.detach = lambda path: made.append(path) or detach(path)
+    Catalog._write_index = lambda catalog: made.append(catalog.index_path) or write_index(catalog)
+    return made
+
+
+def scenario_manager(rank, world, d):
+    made = changes_made()
+    with fastckpt.Checkpointer(collective_timeout=TIMEOUT, shard_size=1024) as c:
+        with managed(os.path.join(d, "run"), c) as m:
+            for step, loss in LOSSES.items():
+                save_step(m, rank, world, step, loss)
+            m.wait(60)
+            agreed(m, [2, 4, 5, 6])  # the last two and the best two (4, then 2)
+
+            # One rank's write fails: the save fails on every rank, none lists the step,
+            # retention removes nothing, and the step can be saved again.
+            if rank == 1:
+                real = writer.write_all
+                writer.write_all = lambda fd, data: (_ for _ in ()).throw(OSError(28, "No space"))
+            expect_failure(save_step(m, rank, world, 7, 0.05), "rank 1", "No space")
+            if rank == 1:
+                writer.write_all = real
+            m.wait(60)
+            agreed(m, [2, 4, 5, 6])
+            save_step(m, rank, world, 7, 0.05).wait(60)
+            m.wait(60)
+            agreed(m, [4, 6, 7])
+
+            # A save refused on one rank is refused on every rank, which stay in step.
+            with pytest.raises(fastckpt.MetricError, match="rank 1"):
+                m.save(8, {}, metrics={} if rank == 1 else {"loss": 0.3})
+            with pytest.raises(fastckpt.InvalidArgumentError, match="different steps"):
+                m.save(8 + rank, {}, metrics={"loss": 0.3})
+            with pytest.raises(fastckpt.StepExistsError, match="already saved"):
+                m.save(7, {}, metrics={"loss": 0.3})
+            m.wait(60)
+            agreed(m, [4, 6, 7])
+
+        # Rank 0's metric decides which steps every rank saves: the others' improves
+        # at every step.
+        with fastckpt.CheckpointManager(os.path.join(d, "best"), save_best_only=True,
+                                        metric="loss", checkpointer=c) as b:
+            saved = [b.save(s, {"s": s}, metrics={"loss": loss if rank == 0 else -s}) is not None
+                     for s, loss in [(1, 0.5), (2, 0.7), (3, 0.3)]]
+            assert saved == [True, False, True], saved
+            b.wait(60)
+            agreed(b, [1, 3])
+
+        if rank == 0:  # a manager of this process alone, in a multi-rank job
+            solo = os.path.join(d, "solo")
+            with fastckpt.CheckpointManager(solo, process_group=False, checkpointer=c) as s:
+                s.save(1, {"w": torch.ones(2)}).wait(60)
+            with fastckpt.open(os.path.join(solo, step_name(1))) as r:
+                assert r.world_size is None
+    assert bool(made) == (rank == 0), made  # only rank 0 changes a root
+
+
+def hold_commits(flag):
+    """This rank's commits wait until the file ``flag`` exists."""
+    real = commit.write_file_durably
+
+    def held(path, data):
+        deadline = time.monotonic() + 30
+        while not os.path.exists(flag):
+            assert time.monotonic() < deadline, f"{flag} never appeared"
+            time.sleep(0.01)
+        real(path, data)
+
+    commit.write_file_durably = held
+
+
+def scenario_manager_resume(rank, world, d):
+    """A restart of the ``manager`` scenario's run (on any number of ranks)."""
+    with fastckpt.Checkpointer(collective_timeout=TIMEOUT) as c, \
+            managed(os.path.join(d, "run"), c) as m:
+        assert m.restore()["step"] == 7
+        mine = m.restore_rank_state()
+        assert (mine is None) == (rank >= 2), mine  # saved by two ranks
+        if mine is not None:
+            assert torch.equal(mine["pos"], torch.tensor([rank, 7]))
+        assert m.restore("best")["step"] == 7 and m.restore(4)["step"] == 4
+        target = {"emb": Sharded.chunk(torch.zeros(10, 6), 0, rank, world)}
+        assert m.restore_into(target, 4, strict=False).loaded == 1
+        assert torch.equal(target["emb"].local, Sharded.chunk(full_table(), 0, rank, world).local)
+
+        # Every rank resumes from rank 0's pick, even while a save commits: rank 0's
+        # commit of step 9 waits until the others are asking for the latest checkpoint.
+        go = os.path.join(d, "go")
+        if rank == 0:
+            hold_commits(go)
+        h = save_step(m, rank, world, 9, 0.9)
+        if rank == 0:
+            h.wait(60)
+        else:
+            threading.Timer(1.0, lambda: open(go, "a").close()).start()
+        assert m.restore()["step"] == 9
+        h.wait(60)
+        m.wait(60)
+        agreed(m, [4, 7, 9])
 
 
 def main():

@@ -108,6 +108,41 @@ def test_dtensor_save_and_reshard_native_and_dcp(tmp_path):
         assert torch.equal(out["w"], full) and torch.equal(out["r"], full[0])
 
 
+@pytest.fixture(scope="module")
+def managed2(tmp_path_factory):
+    """A CheckpointManager run by two ranks (see dist_worker.scenario_manager)."""
+    d = tmp_path_factory.mktemp("managed")
+    check(launch("manager", 2, d))
+    return d
+
+
+def run_dirs(root):
+    return sorted(e for e in os.listdir(root) if e != "fastckpt-index.json")
+
+
+def test_manager_on_two_ranks(managed2):
+    root = managed2 / "run"
+    assert run_dirs(root) == ["step_00000004", "step_00000006", "step_00000007"]
+    with fastckpt.open(root / "step_00000007", verify=True) as r:
+        assert r.world_size == 2 and r.metadata["metrics"] == {"loss": 0.05}
+    assert run_dirs(managed2 / "best") == ["step_00000001", "step_00000003"]
+
+
+def test_manager_on_four_ranks(tmp_path):
+    check(launch("manager", 4, tmp_path))
+    assert run_dirs(tmp_path / "run") == ["step_00000004", "step_00000006", "step_00000007"]
+    with fastckpt.open(tmp_path / "run" / "step_00000007") as r:
+        assert r.world_size == 4
+
+
+def test_manager_resume_on_four_ranks(managed2):
+    check(launch("manager_resume", 4, managed2))
+    root = managed2 / "run"
+    assert run_dirs(root) == ["step_00000004", "step_00000007", "step_00000009"]
+    with fastckpt.open(root / "step_00000009", verify=True) as r:
+        assert r.world_size == 4 and r.metadata["step"] == 9
+
+
 # -- single process ---------------------------------------------------------------------
 
 

@@ -362,6 +362,19 @@ def test_restore_forwards_load_options(manager):
     assert m.restore()["step"] == 2
 
 
+def test_restore_rank_state_and_restore_into(manager):
+    m = manager()
+    m.save(1, state(1), per_rank={"rng": torch.arange(3)}).wait(timeout=WAIT)
+    m.save(2, state(2)).wait(timeout=WAIT)
+    assert torch.equal(m.restore_rank_state(1)["rng"], torch.arange(3))
+    assert m.restore_rank_state() is None  # step 2 has no per-rank state
+    target = {"model": {"w": torch.zeros(4)}}
+    assert m.restore_into(target, 1, strict=False).loaded == 1
+    assert torch.equal(target["model"]["w"], state(1)["model"]["w"])
+    with pytest.raises(fastckpt.CheckpointNotFoundError):
+        m.restore_rank_state(3)
+
+
 # -- copies ----------------------------------------------------------------------------
 
 
