@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import tempfile
@@ -160,6 +161,14 @@ def _median_time(fn: Callable[[], Any], reps: int,
     return statistics.median(times)
 
 
+def _round(variants: dict, r: int) -> list:
+    """The variants' (name, value) pairs in round ``r``'s order: a different shuffle
+    each round, so that no variant always runs first or after the same neighbour."""
+    items = list(variants.items())
+    random.Random(r).shuffle(items)
+    return items
+
+
 def _fsync_tree(path: str) -> None:
     for p in _files([path]):
         fd = os.open(p, os.O_RDONLY)
@@ -283,7 +292,7 @@ class Bench:
             engines = {name: stack.enter_context(Checkpointer(**options))
                        for name, options in variants.items()}
             for i in range(self.reps + 1):
-                for name, ck in engines.items():
+                for name, ck in _round(engines, i):
                     path = self.path(name)
                     _remove(path)
                     gc.collect()
@@ -349,14 +358,14 @@ class Bench:
         cold: dict[str, list[float]] = {name: [] for name in variants}
         warm: dict[str, list[float]] = {name: [] for name in variants}
         # Cold reads swing most on a shared disk: two more reps for their medians.
-        for _ in range(self.reps + 2):
-            for name, (fn, files) in variants.items():
+        for r in range(self.reps + 2):
+            for name, (fn, files) in _round(variants, r):
                 cold[name].append(_median_time(lambda fn=fn: touch(fn()), 1,
                                                lambda f=files: self.drop([self.path(f)])))
         for fn, _ in variants.values():
             touch(fn())  # leaves the files cached
-        for _ in range(self.reps):
-            for name, (fn, _) in variants.items():
+        for r in range(self.reps):
+            for name, (fn, _) in _round(variants, r):
                 warm[name].append(_median_time(lambda fn=fn: touch(fn()), 1))
         return {name: {"cold_s": statistics.median(cold[name]),
                        "warm_s": statistics.median(warm[name])} for name in variants}
