@@ -249,6 +249,16 @@ class Bench:
                              "warm_s": min(by["read_warm"].values())},
                 "raw_by_threads": by}
 
+    def raw_write(self) -> float:
+        """The disk's write limit alone, as :meth:`raw_io` measures it (for the
+        benchmarks that need no read limit)."""
+        path = self.path("raw.bin")
+        try:
+            return min(_median_time(lambda k=k: self._write_raw(path, k), self.reps)
+                       for k in RAW_THREADS)
+        finally:
+            os.remove(path)
+
     def _write_raw(self, path: str, threads: int) -> None:
         chunk = torch.empty(_CHUNK, dtype=torch.uint8).fill_(7).numpy()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
