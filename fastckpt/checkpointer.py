@@ -109,9 +109,8 @@ class Checkpointer:
         compression: ``None`` (default), ``"zstd"``: byte-grouped, chunked zstd of
             every tensor of at least 64 KiB, done by the background threads; or
             ``"auto"``: the same, but a chunk the background threads cannot compress
-            before the disk is ready for it is stored raw, so that compressing never
-            makes a save slower than not compressing (the ratio then depends on the
-            CPU and disk at hand).
+            before the disk is ready for it is stored raw, so that the writers never
+            wait for compression (the ratio then depends on the CPU and disk at hand).
         compression_level: zstd level (default 1, the fastest that compresses best).
         process_group: the ``torch.distributed`` group whose ranks save together
             (default: the default group when torch.distributed is initialised with

@@ -34,7 +34,7 @@ class ShardResult:
 @dataclass
 class Compression:
     """How a shard's compressed tensors are encoded. ``adaptive``: the writer keeps
-    pace with the disk and stores raw every chunk the encoders have not started by
+    pace with the disk and stores raw every chunk the encoders have not finished by
     the time it is due (``compression="auto"``)."""
 
     level: int
@@ -50,7 +50,7 @@ PACE_STEP = 8 << 20
 
 
 class DaemonPool:
-    """Threads that run hashing beside the writers.
+    """Threads that run hashing (or encoding) beside the writers.
 
     Not a ThreadPoolExecutor: those refuse new work once interpreter shutdown has
     begun, while an exiting program still waits (atexit) for its saves to finish.
