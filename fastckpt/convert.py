@@ -37,7 +37,7 @@ from .errors import (
     CorruptCheckpointError,
     UnsupportedTypeError,
 )
-from .plan import ST_DTYPES, encode_header
+from .plan import ST_DTYPES, encode_header, pack
 from .tree import dtype_from_name
 
 SINGLE_FILE = "model.safetensors"
@@ -286,7 +286,7 @@ def write_hf_files(folder: str, specs: list[Spec], max_shard_size: int,
     returns the names of the files written."""
     if max_shard_size <= 0:
         raise ValueError("max_shard_size must be > 0")
-    groups = _group(specs, max_shard_size)
+    groups = pack(specs, max_shard_size)
     report = _with_total(progress, specs)
     if len(groups) == 1:
         _write_file(specs, os.path.join(folder, SINGLE_FILE), report)
@@ -304,18 +304,6 @@ def hf_index(weight_map: Mapping[str, str], total_size: int) -> bytes:
     """The bytes of ``model.safetensors.index.json``."""
     doc = {"metadata": {"total_size": total_size}, "weight_map": dict(weight_map)}
     return (json.dumps(doc, indent=2) + "\n").encode()
-
-
-def _group(specs: list[Spec], limit: int) -> list[list[Spec]]:
-    groups: list[list[Spec]] = [[]]
-    size = 0
-    for s in specs:
-        if groups[-1] and size + s.nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(s)
-        size += s.nbytes
-    return groups
 
 
 def _with_total(progress: Progress | None, specs: list[Spec]) -> Callable[[int], None] | None:

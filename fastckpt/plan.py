@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -181,20 +181,30 @@ def _extent(t: torch.Tensor) -> int:
     return sum((d - 1) * s for d, s in zip(t.shape, t.stride(), strict=True)) + 1
 
 
+T = TypeVar("T")
+
+
+def pack(items: list[T], limit: int) -> list[list[T]]:
+    """Split ``items`` (each with ``nbytes``), in order, into runs of at most ``limit``
+    bytes; an item larger than ``limit`` gets a run of its own. Never empty."""
+    bins: list[list[T]] = [[]]
+    used = 0
+    for item in items:
+        if bins[-1] and used + item.nbytes > limit:
+            bins.append([])
+            used = 0
+        bins[-1].append(item)
+        used += item.nbytes
+    return bins
+
+
 def assign_shards(stored: list[Stored], shard_size: int,
                   name: Callable[[int, int], str] | None = None) -> list[ShardPlan]:
     """Pack ``stored`` in order into shards of about ``shard_size`` bytes and lay out
     their headers; ``name(k, n)`` names shard ``k`` of ``n`` (default
     :func:`shard_file_name`)."""
     name = name or shard_file_name
-    bins: list[list[Stored]] = [[]]
-    used = 0
-    for s in stored:
-        if bins[-1] and used + s.nbytes > shard_size:
-            bins.append([])
-            used = 0
-        bins[-1].append(s)
-        used += s.nbytes
+    bins = pack(stored, shard_size)
     n = len(bins)
     shards = [ShardPlan(k, name(k, n)) for k in range(n)]
     for shard, members in zip(shards, bins, strict=True):

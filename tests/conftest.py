@@ -103,6 +103,26 @@ def edit_manifest(path, fn, reseal=True):
     write_manifest(path, doc, reseal)
 
 
+def shards(path):
+    """A checkpoint's shard files, in name order."""
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def data_start(path):
+    """Where a safetensors file's data section begins."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def flip_bit(path, offset, bit=0):
+    """Flip one bit of a file in place (flipping it again undoes it)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ (1 << bit)]))
+
+
 def bits(t):
     """A tensor's raw bytes, so that equality is bitwise (NaN == NaN, -0.0 != 0.0)."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_same, edit_manifest
+from conftest import assert_same, data_start, edit_manifest, flip_bit, shards
 
 import fastckpt
 from fastckpt.errors import CorruptCheckpointError
@@ -42,23 +42,6 @@ def saved(tmp_path_factory):
     return path, obj
 
 
-def shards(path):
-    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-
-
-def data_start(f):
-    with open(f, "rb") as fh:
-        return 8 + int.from_bytes(fh.read(8), "little")
-
-
-def flip(f, offset, bit):
-    with open(f, "r+b") as fh:
-        fh.seek(offset)
-        b = fh.read(1)[0]
-        fh.seek(offset)
-        fh.write(bytes([b ^ (1 << bit)]))
-
-
 def detected(path):
     """Whether verify reports the damage and load(verify=True) refuses it. Any other
     exception than a CheckpointError fails the test."""
@@ -87,13 +70,13 @@ def test_single_bit_flips_in_shards(saved, profile, figures):
         region = rng.choice(("header", "data"))
         lo, hi = (0, data_start(f)) if region == "header" else (data_start(f), os.path.getsize(f))
         offset, bit = rng.randrange(lo, hi), rng.randrange(8)
-        flip(f, offset, bit)
+        flip_bit(f, offset, bit)
         try:
             assert detected(path), f"flip of bit {bit} at {offset} in {f} went unnoticed"
             # For the record: what a load without checksums lets through.
             figures[f"bitflips.shard_{region}.passed_verify_false"] += loads_unverified(path)
         finally:
-            flip(f, offset, bit)
+            flip_bit(f, offset, bit)
         figures[f"bitflips.shard_{region}.detected"] += 1
     assert fastckpt.verify(path).ok  # every flip was undone
 
@@ -121,13 +104,13 @@ def test_single_bit_flips_in_manifest(saved, profile, figures):
     missed = []
     for _ in range(MANIFEST_FLIPS[profile]):
         offset, bit = rng.randrange(os.path.getsize(m)), rng.randrange(8)
-        flip(m, offset, bit)
+        flip_bit(m, offset, bit)
         try:
             outcome = manifest_outcome(path, obj)
             # For the record: the manifest's own digest is checked on every read.
             figures["bitflips.manifest.passed_verify_false"] += loads_unverified(path)
         finally:
-            flip(m, offset, bit)
+            flip_bit(m, offset, bit)
         figures[f"bitflips.manifest.{outcome}"] += 1
         if outcome != "detected":
             missed.append((offset, bit, outcome))

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import edit_manifest
+from conftest import data_start, edit_manifest, flip_bit, shards
 
 import fastckpt
 from fastckpt.manifest import MANIFEST_NAME
@@ -19,23 +19,6 @@ def saved(ckpt):
     with fastckpt.Checkpointer(shard_size=2000) as c:  # two shards
         c.save(obj, ckpt).wait(timeout=60)
     return ckpt, obj
-
-
-def shards(path):
-    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-
-
-def flip_bit(path, offset, bit=0):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([b ^ (1 << bit)]))
-
-
-def data_start(path):
-    with open(path, "rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
 
 
 def expect_damage(path, match):
