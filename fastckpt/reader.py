@@ -16,7 +16,6 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -397,9 +396,8 @@ class CheckpointReader:
     def _load_shard(self, index: int) -> dict[str, torch.Tensor]:
         shard = self.shard(index, full=True)
         members = self.manifest.shard_members(index)
-        # Hashing reads the whole mapping in file order.
-        hashing = sequential(shard.mapping()) if self.verify and self.mmap else nullcontext()
-        with hashing:
+        hashing = self.verify and self.mmap  # then the whole mapping is read in file order
+        with sequential(shard.mapping()) if hashing else contextlib.nullcontext():
             done = [self._materialize(shard, t) for t in members]
         out = {t.name: tensor for t, (tensor, _) in zip(members, done, strict=True)}
         if self.verify:
