@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 all: test
 
-$(VENV)/.ready: pyproject.toml setup.py $(wildcard native/*.cpp)
+$(VENV)/.ready: pyproject.toml setup.py $(wildcard native/*.cpp native/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"

@@ -6,8 +6,13 @@ floats this codec first rotates each element left by one bit (moving the sign to
 lowest bit, so the top byte holds the exponent alone), then stores byte ``j`` of every
 element together in group ``j``.  Groups that shrink under zstd are stored compressed,
 the rest verbatim.  Large tensors are cut into chunks that are encoded independently,
-so one tensor keeps every thread of a pool busy; zstd and numpy release the GIL in
-their hot loops.  ``docs/CODEC.md`` specifies the encoding.
+so one tensor keeps every thread of a pool busy; zstd, numpy and the extension release
+the GIL in their hot loops.  ``docs/CODEC.md`` specifies the encoding.
+
+Where the C++ extension is built, it groups and merges bytes in one pass each, and
+codes exponent-like groups as Huffman literals alone (still standard zstd frames, so
+any zstd decoder reads them); without it numpy and zstd do the same work, producing
+other but equally valid frames that decode to the same bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from . import fileio
 from .errors import CorruptCheckpointError
 
 CODECS = ("zstd",)
@@ -57,6 +63,11 @@ _LOW_GROUP_LEVEL = -1
 _PROBE_BYTES = 32 << 10
 _PROBE_RATIO = 0.95
 _PROBE_RAW_RATIO = 0.99
+# Huffman literals alone match zstd on exponent bytes in a fraction of the time, but
+# lose badly where long repeats exist (zero-filled or sparse tensors): zstd is kept
+# for a group when a sample of it comes out this much smaller than the Huffman frame.
+_LZ_PROBE_BYTES = 8 << 10
+_LZ_GAIN = 0.9
 
 _local = threading.local()
 
@@ -94,8 +105,8 @@ def encode_chunk(
         parts = [_compress_group(data, _compressor(level, long_matches=False))]
     else:
         *low, top = _split_groups(data, split)
-        parts = [_compress_group(g, _low_group_compressor(g, level)) for g in low]
-        parts.append(_compress_group(top, _compressor(level, long_matches=True)))
+        parts = [_compress_low(g, level) for g in low]
+        parts.append(_compress_skewed(top, level))
         if all(mode == "raw" for mode, _ in parts):
             # Nothing shrank: store the bytes as they are rather than shuffled.
             parts, split = [("raw", data)], 1
@@ -275,17 +286,30 @@ def _compressor(level: int, long_matches: bool) -> zstandard.ZstdCompressor:
     return cctx
 
 
-def _low_group_compressor(group: np.ndarray, level: int) -> zstandard.ZstdCompressor | None:
-    """The Huffman-capable compressor if a sample of ``group`` shrinks, fast LZ if it
-    shrinks a little, None (store it raw) if it does not shrink at all."""
-    full = _compressor(level, long_matches=True)
+def _compress_low(group: np.ndarray, level: int) -> tuple[str, Any]:
+    """A group below the exponent's, judged by a sample: coded like the exponent if
+    the sample shrinks, with fast LZ if it shrinks a little, stored raw if not at all."""
     sample = group[:_PROBE_BYTES]
-    size = len(full.compress(sample))
+    size = len(_compressor(level, long_matches=True).compress(sample))
     if size < _PROBE_RATIO * len(sample):
-        return full
+        return _compress_skewed(group, level)
     if size >= _PROBE_RAW_RATIO * len(sample):
-        return None
-    return _compressor(_LOW_GROUP_LEVEL, long_matches=False)
+        return "raw", group
+    return _compress_group(group, _compressor(_LOW_GROUP_LEVEL, long_matches=False))
+
+
+def _compress_skewed(group: np.ndarray, level: int) -> tuple[str, Any]:
+    """A group of skewed bytes (an exponent): Huffman literals alone from the extension
+    unless zstd's matches pay on a sample (or the extension cannot code the group),
+    else zstd with the long-match setting."""
+    cctx = _compressor(level, long_matches=True)
+    native = fileio.native()
+    frame = None if native is None else native.huffman_frame(group)
+    if frame is not None:
+        sample = group[:_LZ_PROBE_BYTES]
+        if len(cctx.compress(sample)) * len(group) >= _LZ_GAIN * len(frame) * len(sample):
+            return "zstd", frame
+    return _compress_group(group, cctx)
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -311,16 +335,20 @@ def _split_groups(data: memoryview, split: int) -> list[np.ndarray]:
     The rotation moves the sign (random) out of the exponent byte, so the top group
     holds exactly the exponent, the part that compresses.  Byte ``j`` is gathered as
     ``element >> 8j`` cast down to a byte: contiguous arithmetic runs several times
-    faster than a strided byte copy.  The groups are views of this thread's scratch
-    memory, valid until its next call.
+    faster than a strided byte copy; the extension does it all in one pass.  The groups
+    are views of this thread's scratch memory, valid until its next call.
     """
     dtype = _UINT[split]
     v = np.frombuffer(data, dtype=dtype)
+    groups = _scratch("groups", v.nbytes, np.uint8).reshape(split, v.size)
+    native = fileio.native()
+    if native is not None:
+        native.split_groups(data, split, groups)
+        return list(groups)
     rot, tmp = _scratch("rot", v.nbytes, dtype), _scratch("tmp", v.nbytes, dtype)
     np.left_shift(v, 1, out=rot)
     np.right_shift(v, 8 * split - 1, out=tmp)
     np.bitwise_or(rot, tmp, out=rot)
-    groups = _scratch("groups", v.nbytes, np.uint8).reshape(split, v.size)
     np.copyto(groups[0], rot, casting="unsafe")
     for j in range(1, split):
         np.right_shift(rot, 8 * j, out=tmp)
@@ -330,6 +358,10 @@ def _split_groups(data: memoryview, split: int) -> list[np.ndarray]:
 
 def _merge_groups(parts: list, out: memoryview, split: int) -> None:
     """Inverse of :func:`_split_groups`, written into ``out``."""
+    native = fileio.native()
+    if native is not None:
+        native.merge_groups(parts, split, out)
+        return
     dtype = _UINT[split]
     x = np.frombuffer(out, dtype=dtype)
     tmp = _scratch("tmp", x.nbytes, dtype)

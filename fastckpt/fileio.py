@@ -50,6 +50,12 @@ def native_available() -> bool:
     return _native is not None and os.environ.get("FASTCKPT_NO_NATIVE", "") in ("", "0")
 
 
+def native():
+    """The extension module while :func:`native_available`, else None (for the codec's
+    kernels, which live beside the I/O in the same extension)."""
+    return _native if native_available() else None
+
+
 def pread_into(fd: int, offset: int, buf, threads: int = 1) -> None:
     """Fill all of the writable buffer ``buf`` with the file's bytes at ``offset``.
 

@@ -1,7 +1,8 @@
-// fastckpt._native: positional file I/O on buffer-protocol objects with the GIL
-// released. Plain CPython C API so the module builds without PyTorch headers and
-// works on any exporter (bytearray, numpy arrays, tensor.numpy() views, mmap).
-// fastckpt/fileio.py mirrors every function here in pure Python; keep the two in sync.
+// fastckpt._native: positional file I/O and codec kernels on buffer-protocol objects
+// with the GIL released. Plain CPython C API so the module builds without PyTorch
+// headers and works on any exporter (bytearray, numpy arrays, tensor.numpy() views,
+// mmap). fastckpt/fileio.py mirrors every I/O function here in pure Python, and
+// fastckpt/codec.py the byte grouping; keep them in sync.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,6 +24,8 @@
 #include <system_error>
 #include <thread>
 #include <vector>
+
+#include "codec.h"
 
 namespace {
 
@@ -394,6 +397,103 @@ PyObject* py_pwrite_direct(PyObject*, PyObject* args, PyObject* kwargs) {
   Py_RETURN_NONE;
 }
 
+// Checks the element size of a byte-grouping call and that `len` holds whole elements.
+bool check_split(int itemsize, size_t len) {
+  if (itemsize != 2 && itemsize != 4 && itemsize != 8) {
+    PyErr_Format(PyExc_ValueError, "itemsize must be 2, 4 or 8, got %d", itemsize);
+    return false;
+  }
+  if (len % static_cast<size_t>(itemsize)) {
+    PyErr_Format(PyExc_ValueError, "%zu bytes are not whole %d-byte elements", len, itemsize);
+    return false;
+  }
+  return true;
+}
+
+PyObject* py_split_groups(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* kw[] = {"src", "itemsize", "dst", nullptr};
+  int itemsize;
+  PyObject *src_obj, *dst_obj;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiO", const_cast<char**>(kw), &src_obj,
+                                   &itemsize, &dst_obj))
+    return nullptr;
+  Buffer src, dst;
+  if (!get_buffer(src_obj, src, false) || !get_buffer(dst_obj, dst, true) ||
+      !check_split(itemsize, src.size()))
+    return nullptr;
+  if (dst.size() != src.size()) {
+    PyErr_Format(PyExc_ValueError, "dst holds %zu bytes, src %zu", dst.size(), src.size());
+    return nullptr;
+  }
+  {
+    NoGil nogil;
+    fastckpt_codec::split_groups(reinterpret_cast<const uint8_t*>(src.data()),
+                                 src.size() / itemsize, itemsize,
+                                 reinterpret_cast<uint8_t*>(dst.data()));
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* py_merge_groups(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* kw[] = {"groups", "itemsize", "dst", nullptr};
+  int itemsize;
+  PyObject *groups_obj, *dst_obj;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiO", const_cast<char**>(kw), &groups_obj,
+                                   &itemsize, &dst_obj))
+    return nullptr;
+  Buffer dst;
+  if (!get_buffer(dst_obj, dst, true) || !check_split(itemsize, dst.size())) return nullptr;
+  PyObject* seq = PySequence_Fast(groups_obj, "groups must be a sequence of buffers");
+  if (!seq) return nullptr;
+  Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+  size_t n = dst.size() / itemsize;
+  Buffer groups[8];
+  const uint8_t* ptrs[8];
+  bool ok = count == itemsize;
+  if (!ok) PyErr_Format(PyExc_ValueError, "need %d groups, got %zd", itemsize, count);
+  for (Py_ssize_t j = 0; ok && j < count; ++j) {
+    ok = get_buffer(PySequence_Fast_GET_ITEM(seq, j), groups[j], false);
+    if (ok && groups[j].size() != n) {
+      PyErr_Format(PyExc_ValueError, "group %zd holds %zu bytes, expected %zu", j,
+                   groups[j].size(), n);
+      ok = false;
+    }
+    if (ok) ptrs[j] = reinterpret_cast<const uint8_t*>(groups[j].data());
+  }
+  Py_DECREF(seq);
+  if (!ok) return nullptr;
+  {
+    NoGil nogil;
+    fastckpt_codec::merge_groups(ptrs, n, itemsize, reinterpret_cast<uint8_t*>(dst.data()));
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* py_huffman_frame(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* kw[] = {"src", nullptr};
+  PyObject* src_obj;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O", const_cast<char**>(kw), &src_obj))
+    return nullptr;
+  Buffer src;
+  if (!get_buffer(src_obj, src, false)) return nullptr;
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(
+                                                          fastckpt_codec::huffman_frame_bound(src.size())));
+  if (!out) return nullptr;
+  size_t len;
+  {
+    NoGil nogil;
+    len = fastckpt_codec::huffman_frame(reinterpret_cast<const uint8_t*>(src.data()),
+                                        src.size(),
+                                        reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(out)));
+  }
+  if (len == 0) {
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+  }
+  if (_PyBytes_Resize(&out, static_cast<Py_ssize_t>(len)) < 0) return nullptr;
+  return out;
+}
+
 // METH_KEYWORDS functions take three arguments; the table's type names two.
 // Casting through void(*)() is the sanctioned way to store them.
 PyCFunction kw_method(PyCFunctionWithKeywords f) {
@@ -411,12 +511,18 @@ PyMethodDef kMethods[] = {
      "pread_direct_into(fd, offset, buf): fill buf through an O_DIRECT descriptor."},
     {"pwrite_direct", kw_method(py_pwrite_direct), METH_VARARGS | METH_KEYWORDS,
      "pwrite_direct(fd, offset, buf): write buf at an aligned offset through O_DIRECT."},
+    {"split_groups", kw_method(py_split_groups), METH_VARARGS | METH_KEYWORDS,
+     "split_groups(src, itemsize, dst): rotate elements left a bit, gather byte j in group j."},
+    {"merge_groups", kw_method(py_merge_groups), METH_VARARGS | METH_KEYWORDS,
+     "merge_groups(groups, itemsize, dst): inverse of split_groups."},
+    {"huffman_frame", kw_method(py_huffman_frame), METH_VARARGS | METH_KEYWORDS,
+     "huffman_frame(src): a zstd frame of Huffman-coded literals, or None if it cannot help."},
     {nullptr, nullptr, 0, nullptr},
 };
 
 PyModuleDef kModule = {
     PyModuleDef_HEAD_INIT, "fastckpt._native",
-    "Native positional file I/O for fastckpt (see fastckpt.fileio).", -1, kMethods,
+    "Native file I/O and codec kernels for fastckpt (see fastckpt.fileio, fastckpt.codec).", -1, kMethods,
     nullptr, nullptr, nullptr, nullptr,
 };
 

@@ -49,6 +49,21 @@ def profile(request):
     return request.param
 
 
+@pytest.fixture(params=["native", "fallback"])
+def impl(request, monkeypatch):
+    """Runs the test with the C++ extension, then with the pure-Python fallback."""
+    from fastckpt import fileio
+
+    if request.param == "native":
+        if fileio._native is None:
+            pytest.skip("fastckpt._native is not built (no compiler at install time)")
+        monkeypatch.delenv("FASTCKPT_NO_NATIVE", raising=False)
+    else:
+        monkeypatch.setenv("FASTCKPT_NO_NATIVE", "1")
+    assert fileio.native_available() == (request.param == "native")
+    return request.param
+
+
 @pytest.fixture
 def ckpt(tmp_path):
     """A fresh checkpoint path inside the test's directory."""

@@ -1,4 +1,7 @@
-"""Tests of the byte-grouped zstd codec: round trips, raw fallback, hostile input."""
+"""Tests of the byte-grouped zstd codec: round trips, raw fallback, hostile input.
+
+Every test runs twice: with the C++ extension's kernels and with the numpy/zstd
+fallback (the ``impl`` fixture)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from hypothesis import strategies as st
 
 from fastckpt import codec
 from fastckpt.errors import CorruptCheckpointError
+
+pytestmark = pytest.mark.usefixtures("impl")
 
 FLOATS = [
     torch.float64,

@@ -14,18 +14,6 @@ from fastckpt import fileio
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["native", "fallback"])
-def impl(request, monkeypatch):
-    if request.param == "native":
-        if fileio._native is None:
-            pytest.skip("fastckpt._native is not built (no compiler at install time)")
-        monkeypatch.delenv("FASTCKPT_NO_NATIVE", raising=False)
-    else:
-        monkeypatch.setenv("FASTCKPT_NO_NATIVE", "1")
-    assert fileio.native_available() == (request.param == "native")
-    return request.param
-
-
 @pytest.fixture(scope="module")
 def big_file(tmp_path_factory):
     data = np.random.default_rng(0).integers(0, 256, 64 * MiB, dtype=np.uint8).tobytes()
