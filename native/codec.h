@@ -211,9 +211,10 @@ struct StreamWriter {
     std::memcpy(&hi, src + left - 2, 2);
     std::memcpy(&lo, src + left - 4, 2);
     left -= 4;
-    uint32_t a = pairs[hi], b = pairs[lo];
-    w.put(a & 0xFFFFFF, static_cast<int>(a >> 24));
-    w.put(b & 0xFFFFFF, static_cast<int>(b >> 24));
+    uint32_t a = pairs[hi], b = pairs[lo], abits = a >> 24;
+    // Joined before the write: the writer's own shift chain then has one step, not two.
+    w.put((a & 0xFFFFFF) | static_cast<uint64_t>(b & 0xFFFFFF) << abits,
+          static_cast<int>(abits + (b >> 24)));
     w.flush();
   }
   // Writes singles until `left` is `target`, flushing often enough for 11-bit codes.
