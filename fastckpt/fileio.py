@@ -97,8 +97,9 @@ def pwrite_all(fd: int, offset: int, buf, threads: int = 1) -> None:
         )
 
 
-def start_writeback(fd: int) -> None:
-    """Start writing the file's dirty pages to the disk now, without waiting.
+def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+    """Start writing the file's dirty pages to the disk now, without waiting: those of
+    ``[offset, offset + nbytes)``, or from ``offset`` to the end when ``nbytes`` is 0.
 
     Left alone, the kernel holds gigabytes of dirty pages before it writes any, so the
     disk idles while a checkpoint is produced and the final ``fsync`` pays for all of
@@ -107,7 +108,7 @@ def start_writeback(fd: int) -> None:
     ``fsync`` to report.
     """
     if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # 0, 0: the whole file
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def wait_writeback(fd: int, end: int) -> None:

@@ -145,6 +145,7 @@ class _Encoder:
     def __init__(self, shard: ShardPlan, kind: str | None, opts: Compression) -> None:
         self.kind, self.opts = kind, opts
         self.cursor = shard.raw_bytes  # relative to the data section
+        self.flushed = 0  # the file offset up to which writeback was last started
         self.paced = 0  # the file offset an adaptive writer last waited for
         self.spans: dict[str, list[int]] = {}
         self.chunks: dict[str, list] = {}
@@ -170,14 +171,19 @@ class _Encoder:
                 self.hashers[s.name].update(part)
             pwrite_all(fd, part, data_start + self.cursor)
             self.cursor += len(part)
-            if opts.adaptive:
-                self._pace(fd, data_start + self.cursor)
+            self._pace(fd, data_start + self.cursor, opts.adaptive)
         self.spans[s.name][1] = self.cursor
 
-    def _pace(self, fd: int, end: int) -> None:
-        """Keep at most ``PACE_WINDOW`` bytes of this shard waiting for the disk."""
-        if end - PACE_WINDOW >= self.paced + PACE_STEP:
-            fileio.start_writeback(fd)
+    def _pace(self, fd: int, end: int, adaptive: bool) -> None:
+        """Start writeback every ``PACE_STEP`` bytes: encoded payloads arrive at the
+        encoders' pace, and waiting for the block's end would leave the disk idle
+        meanwhile. An adaptive writer also keeps at most ``PACE_WINDOW`` bytes of this
+        shard waiting for the disk."""
+        if end < self.flushed + PACE_STEP:
+            return
+        fileio.start_writeback(fd, self.flushed, end - self.flushed)
+        self.flushed = end
+        if adaptive and end - PACE_WINDOW >= self.paced + PACE_STEP:
             self.paced = end - PACE_WINDOW
             fileio.wait_writeback(fd, self.paced)
 
