@@ -398,7 +398,7 @@ class CheckpointReader:
         members = self.manifest.shard_members(index)
         hashing = self.verify and self.mmap  # then the whole mapping is read in file order
         with sequential(shard.mapping()) if hashing else contextlib.nullcontext():
-            done = [self._materialize(shard, t) for t in members]
+            done = self._materialize_all(shard, members, in_order=hashing)
         out = {t.name: tensor for t, (tensor, _) in zip(members, done, strict=True)}
         if self.verify:
             digests = [disk for _, disk in done]
@@ -406,6 +406,21 @@ class CheckpointReader:
             if ck.shard_digest(self.manifest.checksum, shard.raw_header, digests) != want:
                 raise CorruptCheckpointError(f"{shard.path}: shard checksum mismatch (header)")
         return out
+
+    def _materialize_all(self, shard: Shard, members: list[mf.TensorEntry], in_order: bool
+                         ) -> list[tuple[torch.Tensor, str | None]]:
+        """:meth:`_materialize` every member, compressed ones side by side unless
+        ``in_order``: most tensors hold only a few chunks, and decoding one tensor at a
+        time would leave all but that many decoders idle."""
+        if in_order or not any(t.codec is not None for t in members):
+            return [self._materialize(shard, t) for t in members]
+        if self.mmap:
+            shard.mapping()  # created once here, not raced for by the threads below
+        with cf.ThreadPoolExecutor(self.workers, thread_name_prefix="fastckpt-load") as pool:
+            futures = [pool.submit(self._materialize, shard, t) if t.codec is not None
+                       else None for t in members]
+            return [self._materialize(shard, t) if f is None else f.result()
+                    for t, f in zip(members, futures, strict=True)]
 
     def load(self, map_location: Any = "cpu") -> Any:
         """Rebuild the saved object (see :func:`fastckpt.load`)."""
