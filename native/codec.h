@@ -122,8 +122,10 @@ constexpr int kMaxCodeBits = 11;
 constexpr int kMaxSymbol = 128;
 constexpr size_t kBlockMax = size_t{128} << 10;
 
-// Optimal code lengths for the counts (symbols with a zero count get none), via a
-// Huffman tree; rare symbols' counts are halved until no code exceeds kMaxCodeBits.
+// Code lengths for the counts (symbols with a zero count get none) from a Huffman
+// tree. Where the tree is deeper than kMaxCodeBits, every count is halved (none to
+// zero) and the tree rebuilt: that lifts the rare symbols' tail at a small cost to
+// the ratio, and ends at the latest when all counts are 1 (8 bits for 256 symbols).
 inline void code_lengths(const uint64_t* counts, int nsym, uint8_t* bits) {
   std::vector<uint64_t> c(counts, counts + nsym);
   for (;;) {
