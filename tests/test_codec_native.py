@@ -150,8 +150,14 @@ def test_native_and_fallback_payloads_decode_alike(monkeypatch):
 
 
 def test_repetitive_exponents_keep_zstd():
-    # 99 % zeros: Huffman alone cannot go below 1 bit a byte, zstd's matches can.
-    t = torch.zeros(1 << 19)
+    # 99 % zeros: Huffman alone cannot go below 1 bit a byte (n / 8), zstd's matches can.
+    group = np.zeros(1 << 19, np.uint8)
+    group[::100] = skewed_bytes(len(group[::100]), 30, seed=1)
+    assert native.huffman_frame(group) is not None  # the Huffman coder would take it
+    mode, frame = codec._compress_skewed(group, codec.DEFAULT_LEVEL)
+    assert mode == "zstd" and len(frame) < len(group) / 16
+    assert decompress(frame) == group.tobytes()
+    t = torch.zeros(1 << 19)  # and through the whole encoder, on a sparse tensor
     t[::100] = torch.randn(len(t[::100]))
     raw = t.view(torch.uint8).numpy().tobytes()
     pieces, meta = codec.encode(memoryview(raw), 4, True)
