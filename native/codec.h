@@ -270,19 +270,16 @@ inline size_t huffman_frame_bound(size_t n) {
   return 32 + n + n / 2 + blocks * 256;
 }
 
+// A block's four streams hold at most ceil(kBlockMax / 4) 11-bit codes each, so the
+// jump table's 16-bit stream sizes always suffice.
+static_assert((kBlockMax / 4) * kMaxCodeBits / 8 + 8 < 65536, "jump table overflow");
+
 // Below this the four-stream layout's fixed costs outweigh any gain.
 constexpr size_t kMinFrameInput = 1024;
 
-// Writes a zstd frame holding `src` as Huffman-coded literal blocks with no
-// sequences, with content size and content checksum. Returns its length, or 0 when
-// this encoder cannot help: under kMinFrameInput bytes, fewer than two distinct byte
-// values, a byte value above kMaxSymbol, or a result no smaller than the input.
-// `out` must hold huffman_frame_bound(n) bytes.
-inline size_t huffman_frame(const uint8_t* src, size_t n, uint8_t* out) {
-  if (n < kMinFrameInput) return 0;
-  // Four tables: repeated bytes do not wait on each other's increments. 32-bit
-  // counts suffice for a chunk group (at most 64 MiB); larger inputs are refused.
-  if (n >= (size_t{1} << 32)) return 0;
+// counts[s] = occurrences of byte s in src[0, n), n < 2^32. Four tables: repeated
+// bytes do not wait on each other's increments.
+inline void count_bytes(const uint8_t* src, size_t n, uint64_t counts[256]) {
   uint32_t hist[4][256] = {};
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -297,33 +294,107 @@ inline size_t huffman_frame(const uint8_t* src, size_t n, uint8_t* out) {
     ++hist[3][v >> 56];
   }
   for (; i < n; ++i) ++hist[0][src[i]];
-  uint64_t counts[256];
-  int distinct = 0, top = -1;
-  for (int s = 0; s < 256; ++s) {
+  for (int s = 0; s < 256; ++s)
     counts[s] = uint64_t{hist[0][s]} + hist[1][s] + hist[2][s] + hist[3][s];
-    if (counts[s]) ++distinct, top = s;
-  }
-  if (distinct < 2 || top > kMaxSymbol) return 0;
-  int nsym = top + 1;
-  uint8_t bits[256] = {};
-  code_lengths(counts, nsym, bits);
-  int table_log = *std::max_element(bits, bits + nsym);
-  uint64_t payload_bits = 0;
-  for (int s = 0; s < nsym; ++s) payload_bits += counts[s] * bits[s];
-  if (payload_bits / 8 + 64 >= n) return 0;
+}
 
-  // Canonical codes as zstd's decoder assigns them: by weight (table_log + 1 - bits)
-  // from lowest up, symbols in order within a weight, consecutive code values.
+// One Huffman code, as zstd describes it: weight w = table_log + 1 - bits (0 for an
+// absent symbol) and, per symbol, the code value | bit length << 16.
+struct HuffmanCode {
+  int nsym = 0, table_log = 0;
+  uint8_t weight[256] = {};
   uint32_t table[256] = {};
-  uint32_t next = 0;  // first free entry of the 2^table_log decoding table
-  for (int w = 1; w <= table_log; ++w) {
-    for (int s = 0; s < nsym; ++s) {
-      if (bits[s] && table_log + 1 - bits[s] == w) {
-        table[s] = (next >> (w - 1)) | (static_cast<uint32_t>(bits[s]) << 16);
-        next += 1u << (w - 1);
+
+  HuffmanCode(const uint64_t* counts, int n) : nsym(n) {
+    uint8_t bits[256] = {};
+    code_lengths(counts, nsym, bits);
+    table_log = *std::max_element(bits, bits + nsym);
+    for (int s = 0; s < nsym; ++s) weight[s] = bits[s] ? table_log + 1 - bits[s] : 0;
+    // Canonical codes as zstd's decoder assigns them: by weight from lowest up,
+    // symbols in order within a weight, consecutive code values.
+    uint32_t next = 0;  // first free entry of the 2^table_log decoding table
+    for (int w = 1; w <= table_log; ++w) {
+      for (int s = 0; s < nsym; ++s) {
+        if (weight[s] == w) {
+          table[s] = (next >> (w - 1)) | static_cast<uint32_t>(table_log + 1 - w) << 16;
+          next += 1u << (w - 1);
+        }
       }
     }
   }
+
+  uint64_t coded_bits(const uint64_t* counts) const {
+    uint64_t total = 0;
+    for (int s = 0; s < nsym; ++s) total += counts[s] * (table[s] >> 16);
+    return total;
+  }
+
+  // Direct representation: a header byte, then the 4-bit weights of every symbol
+  // but the last, whose weight the decoder derives.
+  uint8_t* write_tree(uint8_t* q) const {
+    int top = nsym - 1;
+    *q++ = static_cast<uint8_t>(127 + top);
+    for (int s = 0; s < top; s += 2)
+      *q++ = static_cast<uint8_t>(weight[s] << 4 | (s + 1 < top ? weight[s + 1] : 0));
+    return q;
+  }
+};
+
+// A 3-byte block header: last-block flag, block type (0 raw, 2 compressed), size.
+inline void put_block_header(uint8_t* p, bool last, unsigned type, size_t size) {
+  put_le(p, (last ? 1u : 0u) | type << 1 | size << 3, 3);
+}
+
+// Writes one block of len bytes at p: a compressed block of Huffman literals (with
+// the tree unless `tree_sent`, which it then sets) and no sequences, or a raw block
+// if that would not be smaller. Returns the end of the block.
+inline uint8_t* write_block(const uint8_t* blk, size_t len, bool last, const HuffmanCode& code,
+                            const uint32_t* pairs, bool& tree_sent, uint8_t* p) {
+  uint8_t* lit = p + 3;
+  uint8_t* q = tree_sent ? lit + 5 : code.write_tree(lit + 5);  // after the literals header
+  uint8_t* jump = q;
+  // zstd's split: ceil(len / 4) symbols in each of the first three, the rest last.
+  size_t seg = (len + 3) / 4, sizes[4];
+  q = encode_two(blk, seg, blk + seg, seg, code.table, pairs, q + 6, sizes);
+  q = encode_two(blk + 2 * seg, seg, blk + 3 * seg, len - 3 * seg, code.table, pairs, q,
+                 sizes + 2);
+  size_t lit_size = static_cast<size_t>(q - (lit + 5));
+  if (lit_size + 5 + 1 >= len) {  // not smaller: raw (its tree, if any, is not sent)
+    put_block_header(p, last, 0, len);
+    std::memcpy(lit, blk, len);
+    return lit + len;
+  }
+  for (int k = 0; k < 3; ++k) {
+    jump[2 * k] = static_cast<uint8_t>(sizes[k]);
+    jump[2 * k + 1] = static_cast<uint8_t>(sizes[k] >> 8);
+  }
+  // Literals header: type 2 (with tree) or 3 (reusing it), size format 3 (18-bit
+  // regenerated and compressed sizes, four streams).
+  uint8_t* h = lit;
+  put_le(h, (tree_sent ? 3u : 2u) | 3u << 2 | static_cast<uint64_t>(len) << 4 |
+                static_cast<uint64_t>(lit_size) << 22, 5);
+  *q++ = 0;  // no sequences
+  put_block_header(p, last, 2, static_cast<size_t>(q - lit));
+  tree_sent = true;
+  return q;
+}
+
+// Writes a zstd frame holding `src` as Huffman-coded literal blocks with no
+// sequences, with content size and content checksum. Returns its length, or 0 when
+// this encoder cannot help: under kMinFrameInput bytes (or 4 GiB and more), fewer
+// than two distinct byte values, a byte value above kMaxSymbol, or a result no
+// smaller than the input. `out` must hold huffman_frame_bound(n) bytes.
+inline size_t huffman_frame(const uint8_t* src, size_t n, uint8_t* out) {
+  if (n < kMinFrameInput || n >= (size_t{1} << 32)) return 0;
+  uint64_t counts[256];
+  count_bytes(src, n, counts);
+  int distinct = 0, top = -1;
+  for (int s = 0; s < 256; ++s) {
+    if (counts[s]) ++distinct, top = s;
+  }
+  if (distinct < 2 || top > kMaxSymbol) return 0;
+  HuffmanCode code(counts, top + 1);
+  if (code.coded_bits(counts) / 8 + 64 >= n) return 0;
 
   uint8_t* p = out;
   put_le(p, 0xFD2FB528u, 4);  // magic
@@ -337,54 +408,11 @@ inline size_t huffman_frame(const uint8_t* src, size_t n, uint8_t* out) {
   // Balanced blocks, so none is a tiny remainder.
   size_t nblocks = (n + kBlockMax - 1) / kBlockMax;
   size_t per = (n + nblocks - 1) / nblocks;
-  const uint32_t* pairs = pair_table(table, nsym);
+  const uint32_t* pairs = pair_table(code.table, code.nsym);
   bool tree_sent = false;
-  for (size_t b = 0; b < nblocks; ++b) {
-    const uint8_t* blk = src + b * per;
-    size_t len = std::min(per, n - b * per);
-    bool last = b + 1 == nblocks;
-    uint8_t* header = p;
-    uint8_t* lit = header + 3;
-    uint8_t* q = lit + 5;  // literals section header, filled in below
-    if (!tree_sent) {  // direct representation: 4-bit weights of symbols 0..top-1
-      *q++ = static_cast<uint8_t>(127 + top);
-      for (int s = 0; s < top; s += 2) {
-        int hi = bits[s] ? table_log + 1 - bits[s] : 0;
-        int lo = s + 1 < top && bits[s + 1] ? table_log + 1 - bits[s + 1] : 0;
-        *q++ = static_cast<uint8_t>(hi << 4 | lo);
-      }
-    }
-    uint8_t* jump = q;
-    q += 6;
-    // zstd's split: ceil(len / 4) symbols in each of the first three, the rest last.
-    size_t seg = (len + 3) / 4, sizes[4];
-    q = encode_two(blk, seg, blk + seg, seg, table, pairs, q, sizes);
-    q = encode_two(blk + 2 * seg, seg, blk + 3 * seg, len - 3 * seg, table, pairs, q, sizes + 2);
-    size_t lit_size = static_cast<size_t>(q - (lit + 5));
-    bool fits = sizes[0] < 65536 && sizes[1] < 65536 && sizes[2] < 65536 &&
-                lit_size + 5 + 1 < len;
-    if (fits) {
-      for (int k = 0; k < 3; ++k) {
-        jump[2 * k] = static_cast<uint8_t>(sizes[k]);
-        jump[2 * k + 1] = static_cast<uint8_t>(sizes[k] >> 8);
-      }
-      // Literals header: type 2 (with tree) or 3 (reusing it), size format 3 (18-bit
-      // regenerated and compressed sizes, four streams).
-      uint64_t lhc = (tree_sent ? 3u : 2u) | 3u << 2 | static_cast<uint64_t>(len) << 4 |
-                     static_cast<uint64_t>(lit_size) << 22;
-      uint8_t* h = lit;
-      put_le(h, lhc, 5);
-      *q++ = 0;  // no sequences
-      size_t block_size = static_cast<size_t>(q - lit);
-      put_le(header, (last ? 1u : 0u) | 2u << 1 | block_size << 3, 3);
-      tree_sent = true;
-      p = q;
-    } else {  // this block does not shrink: a raw block (its tree, if any, is not sent)
-      put_le(header, (last ? 1u : 0u) | 0u << 1 | len << 3, 3);
-      std::memcpy(lit, blk, len);
-      p = lit + len;
-    }
-  }
+  for (size_t b = 0; b < nblocks; ++b)
+    p = write_block(src + b * per, std::min(per, n - b * per), b + 1 == nblocks, code, pairs,
+                    tree_sent, p);
   put_le(p, xxh64(src, n) & 0xFFFFFFFFu, 4);
   size_t total = static_cast<size_t>(p - out);
   return tree_sent && total < n ? total : 0;

@@ -397,29 +397,34 @@ PyObject* py_pwrite_direct(PyObject*, PyObject* args, PyObject* kwargs) {
   Py_RETURN_NONE;
 }
 
-// Checks the element size of a byte-grouping call and that `len` holds whole elements.
-bool check_split(int itemsize, size_t len) {
-  if (itemsize != 2 && itemsize != 4 && itemsize != 8) {
-    PyErr_Format(PyExc_ValueError, "itemsize must be 2, 4 or 8, got %d", itemsize);
+// Parses the (first, itemsize, dst) arguments of split_groups and merge_groups: takes
+// dst's buffer and checks the element size and that dst holds whole elements.
+bool grouping_args(PyObject* args, PyObject* kwargs, const char* first, PyObject** first_obj,
+                   int* itemsize, Buffer& dst) {
+  const char* kw[] = {first, "itemsize", "dst", nullptr};
+  PyObject* dst_obj;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiO", const_cast<char**>(kw), first_obj,
+                                   itemsize, &dst_obj) ||
+      !get_buffer(dst_obj, dst, true))
+    return false;
+  if (*itemsize != 2 && *itemsize != 4 && *itemsize != 8) {
+    PyErr_Format(PyExc_ValueError, "itemsize must be 2, 4 or 8, got %d", *itemsize);
     return false;
   }
-  if (len % static_cast<size_t>(itemsize)) {
-    PyErr_Format(PyExc_ValueError, "%zu bytes are not whole %d-byte elements", len, itemsize);
+  if (dst.size() % static_cast<size_t>(*itemsize)) {
+    PyErr_Format(PyExc_ValueError, "%zu bytes are not whole %d-byte elements", dst.size(),
+                 *itemsize);
     return false;
   }
   return true;
 }
 
 PyObject* py_split_groups(PyObject*, PyObject* args, PyObject* kwargs) {
-  static const char* kw[] = {"src", "itemsize", "dst", nullptr};
   int itemsize;
-  PyObject *src_obj, *dst_obj;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiO", const_cast<char**>(kw), &src_obj,
-                                   &itemsize, &dst_obj))
-    return nullptr;
+  PyObject* src_obj;
   Buffer src, dst;
-  if (!get_buffer(src_obj, src, false) || !get_buffer(dst_obj, dst, true) ||
-      !check_split(itemsize, src.size()))
+  if (!grouping_args(args, kwargs, "src", &src_obj, &itemsize, dst) ||
+      !get_buffer(src_obj, src, false))
     return nullptr;
   if (dst.size() != src.size()) {
     PyErr_Format(PyExc_ValueError, "dst holds %zu bytes, src %zu", dst.size(), src.size());
@@ -435,14 +440,10 @@ PyObject* py_split_groups(PyObject*, PyObject* args, PyObject* kwargs) {
 }
 
 PyObject* py_merge_groups(PyObject*, PyObject* args, PyObject* kwargs) {
-  static const char* kw[] = {"groups", "itemsize", "dst", nullptr};
   int itemsize;
-  PyObject *groups_obj, *dst_obj;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiO", const_cast<char**>(kw), &groups_obj,
-                                   &itemsize, &dst_obj))
-    return nullptr;
+  PyObject* groups_obj;
   Buffer dst;
-  if (!get_buffer(dst_obj, dst, true) || !check_split(itemsize, dst.size())) return nullptr;
+  if (!grouping_args(args, kwargs, "groups", &groups_obj, &itemsize, dst)) return nullptr;
   PyObject* seq = PySequence_Fast(groups_obj, "groups must be a sequence of buffers");
   if (!seq) return nullptr;
   Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
@@ -522,7 +523,8 @@ PyMethodDef kMethods[] = {
 
 PyModuleDef kModule = {
     PyModuleDef_HEAD_INIT, "fastckpt._native",
-    "Native file I/O and codec kernels for fastckpt (see fastckpt.fileio, fastckpt.codec).", -1, kMethods,
+    "Native file I/O and codec kernels for fastckpt (see fastckpt.fileio, fastckpt.codec).",
+    -1, kMethods,
     nullptr, nullptr, nullptr, nullptr,
 };
 
