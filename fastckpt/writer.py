@@ -164,17 +164,16 @@ class _Encoder:
             self.chunks[s.name] = []
             if self.kind is not None:
                 self.hashers[s.name] = ck.new_hasher(self.kind)
-        opts = self.opts
         for part, meta in encoding:
             self.chunks[s.name].append(meta)
             if self.kind is not None:
                 self.hashers[s.name].update(part)
             pwrite_all(fd, part, data_start + self.cursor)
             self.cursor += len(part)
-            self._pace(fd, data_start + self.cursor, opts.adaptive)
+            self._pace(fd, data_start + self.cursor)
         self.spans[s.name][1] = self.cursor
 
-    def _pace(self, fd: int, end: int, adaptive: bool) -> None:
+    def _pace(self, fd: int, end: int) -> None:
         """Start writeback every ``PACE_STEP`` bytes: encoded payloads arrive at the
         encoders' pace, and waiting for the block's end would leave the disk idle
         meanwhile. An adaptive writer also keeps at most ``PACE_WINDOW`` bytes of this
@@ -183,7 +182,7 @@ class _Encoder:
             return
         fileio.start_writeback(fd, self.flushed, end - self.flushed)
         self.flushed = end
-        if adaptive and end - PACE_WINDOW >= self.paced + PACE_STEP:
+        if self.opts.adaptive and end - PACE_WINDOW >= self.paced + PACE_STEP:
             self.paced = end - PACE_WINDOW
             fileio.wait_writeback(fd, self.paced)
 
