@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import torch
 import xxhash
 
-from . import commit
+from . import commit, training
 from . import manifest as mf
 from .errors import CheckpointError, CheckpointWriteError, UnsupportedTypeError
 from .plan import (
@@ -380,6 +380,8 @@ class Coordinator:
 
     def plan(self, obj: Any, per_rank: Any, shard_size: int,
              compress_min: int | None) -> RankPlan:
+        if self.world > 1:
+            training.check_shared(obj)
         return plan_rank(obj, per_rank, self.rank, self.world, shard_size, compress_min)
 
     def make_tmp(self, path: str) -> str:

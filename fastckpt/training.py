@@ -26,6 +26,9 @@ log = logging.getLogger("fastckpt")
 
 _FORMAT = "fastckpt.TrainingState"
 _END = object()
+# The parts that differ between the ranks of a distributed run: each rank draws its
+# own random numbers and walks its own share of the data.
+RANK_KEYS = ("rng", "epoch_start_rng", "loader", "batch_index")
 
 
 @dataclasses.dataclass(eq=False)
@@ -83,9 +86,14 @@ class TrainingState:
 
     # -- saving -------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything to resume from, as tensors and plain values."""
-        return {
+    def state_dict(self, rank_state: bool = True) -> dict[str, Any]:
+        """Everything to resume from, as tensors and plain values.
+
+        With ``rank_state=False`` the state leaves out this process's own part
+        (:meth:`rank_state_dict`): what the ranks of a distributed run share, to be
+        saved as the replicated state with the rank's own part as ``per_rank``.
+        """
+        state = {
             "format": _FORMAT,
             "model": _module_state(self.model),
             "ema_model": _module_state(self.ema_model),
@@ -94,21 +102,36 @@ class TrainingState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch,
             "step": self.step,
-            "batch_index": self.batch_index,
             "metrics_history": list(self.metrics_history),
             "config": config_dict(self.config),
+        }
+        if rank_state:
+            state.update(self.rank_state_dict())
+        return state
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This process's own part of the state (keys :data:`RANK_KEYS`): every RNG
+        (also at the start of the epoch) and the data loader's position."""
+        return {
             "rng": rng.capture(self._generators()),
             "epoch_start_rng": self._epoch_start_rng,
             "loader": [p.state_dict() for p in _stateful_parts(self.loader)],
+            "batch_index": self.batch_index,
         }
 
     # -- restoring ----------------------------------------------------------------
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any],
+                        rank_state: Mapping[str, Any] | None = None) -> None:
         """Restore everything :meth:`state_dict` saved into the objects this state
-        holds. A loader position is applied by the next :meth:`iterate`."""
+        holds. A loader position is applied by the next :meth:`iterate`.
+
+        ``rank_state`` is this process's own part (:meth:`rank_state_dict`) when it
+        was saved apart from ``state``; it takes precedence over one in ``state``.
+        """
         if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
             raise CheckpointError("the checkpoint does not hold a TrainingState")
+        own = _rank_part(state, rank_state)
         _load_module(self.model, state["model"], "model")
         _load_module(self.ema_model, state["ema_model"], "ema_model")
         _load_each(self.optimizers, state["optimizers"], "optimizers")
@@ -118,14 +141,14 @@ class TrainingState:
                 raise CheckpointError("the checkpoint holds no GradScaler state")
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
-        self.batch_index = state["batch_index"]
         self.metrics_history = list(state["metrics_history"])
         self._take_config(state["config"])
-        rng.restore(state["rng"], self._generators())
-        _load_each(_stateful_parts(self.loader), state["loader"], "data loader states")
+        self.batch_index = own["batch_index"]
+        rng.restore(own["rng"], self._generators())
+        _load_each(_stateful_parts(self.loader), own["loader"], "data loader states")
         self._epoch_start_rng = None
-        start = state["epoch_start_rng"]
-        self._resume = (start, state["rng"]) if start is not None else None
+        start = own["epoch_start_rng"]
+        self._resume = (start, own["rng"]) if start is not None else None
 
     def _take_config(self, saved: Any) -> None:
         if self.config is None:
@@ -182,6 +205,38 @@ class TrainingState:
             if isinstance(g, torch.Generator) and all(g is not f for f in found):
                 found.append(g)
         return found
+
+
+def _rank_part(state: Mapping[str, Any], rank_state: Mapping[str, Any] | None
+               ) -> Mapping[str, Any]:
+    """The rank's own part of a saved state: ``rank_state``, else ``state``'s."""
+    if rank_state is not None:
+        if not isinstance(rank_state, Mapping) or any(k not in rank_state for k in RANK_KEYS):
+            raise InvalidArgumentError(
+                f"rank_state must be a TrainingState.rank_state_dict() (keys {RANK_KEYS})"
+            )
+        return rank_state
+    if any(k not in state for k in RANK_KEYS):
+        raise CheckpointError(
+            "the checkpoint holds the TrainingState without this rank's own part (RNGs, "
+            "data-loader position): pass it as rank_state= (e.g. "
+            "manager.restore_rank_state()); a rank the checkpoint holds no part for (saved "
+            "by fewer ranks) may pass rank_state=ts.rank_state_dict() to keep its own RNGs "
+            "and start the current epoch over"
+        )
+    return state
+
+
+def check_shared(state: Any) -> None:
+    """Refuse a whole TrainingState as the replicated state of a multi-rank save:
+    only one rank's RNGs and loader position would be kept, and every rank would
+    resume from them."""
+    if (isinstance(state, Mapping) and state.get("format") == _FORMAT
+            and any(k in state for k in RANK_KEYS)):
+        raise InvalidArgumentError(
+            "a TrainingState's RNGs and data-loader position differ between ranks: save "
+            "ts.state_dict(rank_state=False) with per_rank=ts.rank_state_dict()"
+        )
 
 
 def config_dict(config: Any) -> dict | None:

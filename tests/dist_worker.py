@@ -313,6 +313,88 @@ def scenario_manager_resume(rank, world, d):
         agreed(m, [4, 7, 9])
 
 
+# -- TrainingState of a DDP run ---------------------------------------------------------
+
+TRAIN_STEPS, SAVED_STEP = 11, 5  # 3 batches per rank and epoch: step 5 is mid-epoch
+
+
+def ddp_run(rank, world, seed):
+    """A DDP run whose ranks draw different random numbers (dropout, noise) and walk
+    different halves of a shuffled dataset."""
+    import random
+
+    import numpy as np
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    data = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 4, generator=data)
+    y = x.sum(1, keepdim=True)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4,
+                        sampler=DistributedSampler(TensorDataset(x, y), world, rank, seed=2))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.3),
+                              torch.nn.Linear(16, 1))
+    with torch.no_grad():  # the same initial weights on every rank, as DDP requires
+        for i, p in enumerate(net.parameters()):
+            p.copy_(torch.linspace(-0.5, 0.5, p.numel()).reshape(p.shape) * (i + 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.Adam(ddp.parameters(), lr=0.01)
+    return ddp, fastckpt.TrainingState(model=net, optimizers=[opt], loader=loader)
+
+
+def train(ddp, ts, until, manager=None):
+    """Train ``ts`` until step ``until``, saving step ``SAVED_STEP`` through ``manager``."""
+    import random
+
+    import numpy as np
+
+    while ts.step < until:
+        ts.loader.sampler.set_epoch(ts.epoch)
+        for x, y in ts.iterate():
+            x = x + 0.01 * float(np.random.randn()) + 0.01 * random.random()
+            loss = torch.nn.functional.mse_loss(ddp(x), y)
+            ts.optimizers[0].zero_grad()
+            loss.backward()
+            ts.optimizers[0].step()
+            ts.step += 1
+            if manager is not None and ts.step == SAVED_STEP:
+                manager.save(ts.step, ts.state_dict(rank_state=False),
+                             per_rank=ts.rank_state_dict()).wait(60)
+            if ts.step >= until:
+                break
+
+
+def draws():
+    import random
+
+    import numpy as np
+
+    return random.random(), float(np.random.rand()), torch.rand(2).tolist()
+
+
+def scenario_train(rank, world, d):
+    ddp, ref = ddp_run(rank, world, seed=10)
+    train(ddp, ref, TRAIN_STEPS)
+    expected = ([p.clone() for p in ref.model.parameters()], draws())
+
+    with fastckpt.CheckpointManager(os.path.join(d, "run")) as m:
+        ddp, first = ddp_run(rank, world, seed=10)
+        # The whole TrainingState as replicated state would keep one rank's RNGs.
+        with pytest.raises(fastckpt.InvalidArgumentError, match="per_rank"):
+            m.save(0, first.state_dict())
+        train(ddp, first, SAVED_STEP + 2, manager=m)
+
+        ddp, resumed = ddp_run(rank, world, seed=50)  # as a fresh process would start
+        resumed.load_state_dict(m.restore(), rank_state=m.restore_rank_state())
+        assert (resumed.step, resumed.epoch, resumed.batch_index) == (SAVED_STEP, 1, 2)
+        train(ddp, resumed, TRAIN_STEPS)
+    params = list(resumed.model.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(expected[0], params, strict=True))
+    assert draws() == expected[1]  # this rank's own generators went on where it left off
+
+
 def main():
     scenario, rank, world, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'store')}",

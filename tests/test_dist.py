@@ -143,6 +143,14 @@ def test_manager_resume_on_four_ranks(managed2):
         assert r.world_size == 4 and r.metadata["step"] == 9
 
 
+def test_training_state_of_a_ddp_run_resumes_exactly(tmp_path):
+    check(launch("train", 2, tmp_path))
+    with fastckpt.open(tmp_path / "run" / "step_00000005") as r:
+        states = [r.rank_state(k) for k in range(2)]
+    assert states[0]["rng"]["python"] != states[1]["rng"]["python"]
+    assert all(s["batch_index"] == 2 for s in states)
+
+
 # -- single process ---------------------------------------------------------------------
 
 

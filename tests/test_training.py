@@ -228,3 +228,44 @@ def test_mid_epoch_resume_is_exact(ckpt, stateful, caplog):
     assert ("skipping the batches" in caplog.text) != stateful
     assert resumed.epoch == reference.epoch and resumed.batch_index == reference.batch_index
     assert all(torch.equal(p, q) for p, q in zip(params(reference), params(resumed), strict=True))
+
+
+def test_rank_state_saved_apart_resumes_exactly(ckpt):
+    reference = make_run()
+    reference.loader = loader(False)
+    run(reference, 27)
+
+    first = make_run()
+    first.loader = loader(False)
+    run(first, 27, stop_at=13)
+    shared = first.state_dict(rank_state=False)
+    assert not set(fastckpt.training.RANK_KEYS) & set(shared)
+    fastckpt.save(shared, ckpt, per_rank=first.rank_state_dict()).wait(timeout=WAIT)
+
+    resumed = make_run(seed=5)
+    resumed.loader = loader(False)
+    resumed.load_state_dict(fastckpt.load(ckpt), rank_state=fastckpt.dist.load_rank_state(ckpt))
+    assert (resumed.epoch, resumed.batch_index) == (1, 3)
+    run(resumed, 27)
+    assert all(torch.equal(p, q) for p, q in zip(params(reference), params(resumed), strict=True))
+
+
+def test_rank_state_missing_or_malformed(ckpt):
+    ts = make_run()
+    ts.loader = loader(False)
+    run(ts, 27, stop_at=13)
+    fastckpt.save(ts.state_dict(rank_state=False), ckpt).wait(timeout=WAIT)
+    shared = fastckpt.load(ckpt)
+    with pytest.raises(fastckpt.CheckpointError, match="rank_state="):
+        make_run().load_state_dict(shared)
+    with pytest.raises(fastckpt.InvalidArgumentError, match="rank_state_dict"):
+        make_run().load_state_dict(shared, rank_state={"rng": None})
+
+    # A rank with no saved part keeps its own RNGs and starts the saved epoch over.
+    fresh = make_run(seed=5)
+    fresh.loader = loader(False)
+    expected = draws(np.random.default_rng(0), torch.Generator())
+    make_run(seed=5)  # reseed: the draws above moved the global generators on
+    fresh.load_state_dict(shared, rank_state=fresh.rank_state_dict())
+    assert (fresh.step, fresh.epoch, fresh.batch_index) == (13, 1, 0)
+    assert draws(np.random.default_rng(0), torch.Generator()) == expected
