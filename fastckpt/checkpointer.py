@@ -117,6 +117,11 @@ class Checkpointer:
             more than one rank); ``False`` saves from this process alone.
         collective_timeout: seconds a rank waits for the others to finish a save
             before the save fails (and the checkpoint is not committed).
+        direct_io: write the data of uncompressed shards (of 256 KiB or more) from the
+            staging buffers straight to the disk with O_DIRECT, bypassing the page
+            cache, where the filesystem supports it and the state fits in
+            ``staging_budget`` (default True); False writes everything through the
+            page cache.
 
     Use as a context manager, or call :meth:`close` to wait for in-flight saves.
     """
@@ -134,6 +139,7 @@ class Checkpointer:
         compression_level: int | None = None,
         process_group: Any = None,
         collective_timeout: float = dist.COLLECTIVE_TIMEOUT,
+        direct_io: bool = True,
     ) -> None:
         if shard_size <= 0 or max_inflight < 1:
             raise ValueError("shard_size must be > 0 and max_inflight >= 1")
@@ -164,6 +170,7 @@ class Checkpointer:
         self._handles: list[SaveHandle] = []
         self._closed = False
         self.process_group, self.collective_timeout = process_group, collective_timeout
+        self.direct_io = direct_io
         self._local = _Local()
         self._scopes: dict[Any, Any] = {}
 
@@ -283,7 +290,11 @@ class Checkpointer:
         # staging is done: they would otherwise compete with the caller's copies for
         # CPU and memory bandwidth, lengthening the stall. A larger state must stream,
         # and so does a caller that waits for the writes anyway (``stream``).
-        defer = not stream and self._pool.fits(plan.shards)
+        fits = self._pool.fits(plan.shards)
+        defer = not stream and fits
+        # O_DIRECT holds each buffer until its bytes are on the disk, not merely in the
+        # page cache: only for saves whose staging never waits on the writers for room.
+        direct = self.direct_io and (fits or stream)
         futures: list[cf.Future[ShardResult]] = []
         queues: list[queue.Queue] = []
         held: list[list] = []
@@ -293,7 +304,8 @@ class Checkpointer:
                 queues.append(q)
                 futures.append(
                     self._writers.submit(
-                        write_shard, shard, tmp, q, self._pool, kind, self._hashers, opts
+                        write_shard, shard, tmp, q, self._pool, kind, self._hashers, opts,
+                        direct,
                     )
                 )
                 held.append([])

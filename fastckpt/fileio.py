@@ -337,6 +337,9 @@ def _direct_read(fd: int, offset: int, flat: memoryview) -> None:
 def _direct_write(fd: int, offset: int, body: memoryview) -> None:
     if not body:
         return
+    if np.frombuffer(body, dtype=np.uint8).ctypes.data % DIRECT_ALIGN == 0:
+        _write_full(fd, body, offset)  # aligned memory goes to the disk as it is
+        return
     staging = memoryview(mmap.mmap(-1, min(_BOUNCE, body.nbytes)))
     for done in range(0, body.nbytes, _BOUNCE):
         n = min(_BOUNCE, body.nbytes - done)

@@ -11,7 +11,13 @@ from typing import Any, TypeVar
 import torch
 
 from .errors import UnsupportedTypeError
+from .fileio import DIRECT_ALIGN
 from .tree import Flat, dtype_name
+
+# An uncompressed shard with at least this much data gets a header padded to a whole
+# number of O_DIRECT blocks, so that its data section can be written around the page
+# cache (see writer.py); below it the padding would cost more than it saves.
+DIRECT_MIN = 256 << 10
 
 # torch dtype -> safetensors dtype tag (the shards must stay stock safetensors).
 ST_DTYPES: dict[torch.dtype, str] = {
@@ -72,6 +78,12 @@ class ShardPlan:
     @property
     def size(self) -> int:
         return len(self.header) + self.data_bytes
+
+    @property
+    def direct(self) -> bool:
+        """Whether the data section starts on an O_DIRECT block boundary (and holds no
+        compressed payloads, whose sizes are not known in advance)."""
+        return not self.compressed and len(self.header) % DIRECT_ALIGN == 0
 
 
 @dataclass
@@ -229,14 +241,16 @@ def _layout_shard(shard: ShardPlan, members: list[Stored]) -> None:
     # A payload is never larger than its tensor, so no offset or length exceeds the raw
     # size: a header with that size everywhere is at least as long as the real one.
     bound = max(offset, 1)
-    shard.header = shard_header(members, {s.name: (bound, 2 * bound) for s in members
-                                          if s.compress})
+    payloads = {s.name: (bound, 2 * bound) for s in members if s.compress}
+    align = DIRECT_ALIGN if offset >= DIRECT_MIN and not payloads else 8
+    shard.header = shard_header(members, payloads, align=align)
 
 
 def shard_header(members: list[Stored], payloads: dict[str, tuple[int, int]],
-                 pad_to: int = 0) -> bytes:
+                 pad_to: int = 0, align: int = 8) -> bytes:
     """The shard's safetensors header; ``payloads`` gives the on-disk ``[start, stop)``
-    of each compressed tensor (stored as ``U8`` bytes)."""
+    of each compressed tensor (stored as ``U8`` bytes). Padding as in
+    :func:`encode_header`."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "fastckpt"}}
     for s in members:
         if s.compress:
@@ -245,14 +259,15 @@ def shard_header(members: list[Stored], payloads: dict[str, tuple[int, int]],
         else:
             header[s.name] = {"dtype": ST_DTYPES[s.source.dtype], "shape": list(s.source.shape),
                               "data_offsets": [s.start, s.stop]}
-    return encode_header(header, pad_to)
+    return encode_header(header, pad_to, align)
 
 
-def encode_header(header: dict, pad_to: int = 0) -> bytes:
-    """Length-prefixed safetensors header, space-padded so the data starts 8-aligned
-    (and, with ``pad_to``, to exactly that many bytes in all)."""
+def encode_header(header: dict, pad_to: int = 0, align: int = 8) -> bytes:
+    """Length-prefixed safetensors header, space-padded so the data starts at a
+    multiple of ``align`` (8 or a multiple of it), or, with ``pad_to``, to exactly that
+    many bytes in all."""
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    body += b" " * (-len(body) % 8)
+    body += b" " * (-(8 + len(body)) % align)
     if pad_to:
         if 8 + len(body) > pad_to:
             raise ValueError(f"header of {8 + len(body)} bytes exceeds its {pad_to}-byte slot")

@@ -64,7 +64,7 @@ class StagingPool:
                 if not self._drop_one_free():
                     self._cv.wait()
         try:
-            return torch.empty(cap, dtype=torch.uint8, pin_memory=self.pin)
+            return _aligned_empty(cap, self.pin)
         except BaseException:
             with self._cv:
                 self._allocated -= cap
@@ -98,6 +98,14 @@ class StagingPool:
         with self._cv:
             while self._drop_one_free():
                 pass
+
+
+def _aligned_empty(nbytes: int, pin: bool) -> torch.Tensor:
+    """An uninitialised uint8 buffer starting on a page boundary, as O_DIRECT writes
+    from it need (pinned memory already is; the CPU allocator aligns to less)."""
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    skip = -raw.data_ptr() % ALIGN
+    return raw[skip : skip + nbytes]
 
 
 @dataclass

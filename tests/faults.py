@@ -7,14 +7,16 @@ import threading
 
 
 class FaultyOS:
-    """Delegates to ``os`` except for ``fail``: name -> (errno, predicate(args) -> bool)."""
+    """Delegates to ``os`` (or ``module``) except for ``fail``: name -> (errno,
+    predicate(args) -> bool)."""
 
-    def __init__(self, **fail):
+    def __init__(self, module=os, **fail):
+        self._module = module
         self._fail = fail
         self.calls = {name: 0 for name in fail}
 
     def __getattr__(self, name):
-        real = getattr(os, name)
+        real = getattr(self._module, name)
         if name not in self._fail:
             return real
         err, when = self._fail[name]

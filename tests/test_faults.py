@@ -58,12 +58,19 @@ class Point:
     names_hit: bool = False  # the error names the failing file itself, not the checkpoint
     previous: bool = True  # a checkpoint exists at the path before the failing save
     fallback: bool = False  # replace with two renames, as where renameat2 is missing
+    attr: str = "os"  # the module attribute of ``module`` that makes the call
+    engine: tuple = ()  # Checkpointer options besides FAULT_ENGINE's
 
 
 POINTS = {
     "mkdir": Point(checkpointer, "mkdir", names_hit=True),
     "open shard": Point(writer, "open", is_shard, names_hit=True),
     "write shard": Point(writer, "write", is_shard, names_hit=True),
+    # A shard of 256 KiB or more, of a state that fits in the staging budget, goes to
+    # the disk through O_DIRECT.
+    "write shard (direct)": Point(writer, "pwrite_direct", is_shard, names_hit=True,
+                                  attr="fileio", engine=(("staging_budget", 8 << 20),
+                                                         ("shard_size", 1 << 20))),
     "fsync shard": Point(writer, "fsync", is_shard, names_hit=True),
     "open manifest": Point(commit, "open", is_manifest),
     # The manifest is written by writer.write_all, through writer's os.
@@ -86,7 +93,8 @@ def armed(point, err, when):
     if point.call == "renameat2":
         attr, stand_in = "_libc", FailingLibc(commit._libc, err, when)
     else:
-        attr, stand_in = "os", FaultyOS(**{point.call: (err, when)})
+        attr = point.attr
+        stand_in = FaultyOS(getattr(point.module, attr), **{point.call: (err, when)})
     real = getattr(point.module, attr)
     setattr(point.module, attr, stand_in)
     try:
@@ -152,37 +160,35 @@ def check_fault(engine, path, name, err, nth, observe, figures):
     return True
 
 
-@pytest.fixture
-def fault_engine():
-    # Small blocks and shards: several shards, each written in several pieces.
-    with fastckpt.Checkpointer(workers=2, shard_size=WIDTH * 4, staging_budget=64 << 10) as c:
-        yield c
+# Small blocks and shards: several shards, each written in several pieces.
+FAULT_ENGINE = {"workers": 2, "shard_size": WIDTH * 4, "staging_budget": 64 << 10}
 
 
-def run_point(fault_engine, tmp_path, monkeypatch, name, err, nth, figures):
+def run_point(tmp_path, monkeypatch, name, err, nth, figures):
     point = POINTS[name]
     if point.fallback:
         monkeypatch.setattr(commit, "_exchange", lambda a, b: False)
     fired = []
-    for observe in ("wait", "next save"):
-        path = str(tmp_path / observe.replace(" ", "_") / "ckpt")
-        os.makedirs(os.path.dirname(path))
-        fired.append(check_fault(fault_engine, path, name, err, nth, observe, figures))
+    with fastckpt.Checkpointer(**{**FAULT_ENGINE, **dict(point.engine)}) as engine:
+        for observe in ("wait", "next save"):
+            path = str(tmp_path / observe.replace(" ", "_") / "ckpt")
+            os.makedirs(os.path.dirname(path))
+            fired.append(check_fault(engine, path, name, err, nth, observe, figures))
     return all(fired)
 
 
 @pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
 @pytest.mark.parametrize("name, nth", QUICK_CASES)
-def test_fault_at_each_step(fault_engine, tmp_path, monkeypatch, name, nth, err, figures):
-    assert run_point(fault_engine, tmp_path, monkeypatch, name, err, nth, figures)
+def test_fault_at_each_step(tmp_path, monkeypatch, name, nth, err, figures):
+    assert run_point(tmp_path, monkeypatch, name, err, nth, figures)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
 @pytest.mark.parametrize("name", [n for n in POINTS if not POINTS[n].fallback])
-def test_fault_at_every_later_call(fault_engine, tmp_path, monkeypatch, name, err, figures):
+def test_fault_at_every_later_call(tmp_path, monkeypatch, name, err, figures):
     nth = 2
-    while run_point(fault_engine, tmp_path / str(nth), monkeypatch, name, err, nth, figures):
+    while run_point(tmp_path / str(nth), monkeypatch, name, err, nth, figures):
         nth += 1
 
 

@@ -211,6 +211,9 @@ def test_direct_write_round_trip(impl, tmp_path, big_file):
     try:
         fileio.pwrite_direct(fd, 0, memoryview(data)[1 : 3 * MiB + 4])  # unaligned source
         fileio.pwrite_direct(fd, 4 * MiB, data[: 2 * 4096])
+        aligned = mmap.mmap(-1, 3 * 4096 + 5)  # page-aligned memory: written in place
+        aligned[:] = data[-len(aligned):]
+        fileio.pwrite_direct(fd, 7 * MiB, aligned)
         fileio.pwrite_direct(fd, 5 * MiB, data[7:10])  # tail only
         fileio.pwrite_direct(fd, 6 * MiB, b"")
         with pytest.raises(ValueError):
@@ -221,7 +224,8 @@ def test_direct_write_round_trip(impl, tmp_path, big_file):
     assert written[: 3 * MiB + 3] == data[1 : 3 * MiB + 4]
     assert written[3 * MiB + 3 : 4 * MiB] == bytes(MiB - 3)
     assert written[4 * MiB : 4 * MiB + 2 * 4096] == data[: 2 * 4096]
-    assert written[5 * MiB :] == data[7:10]
+    assert written[5 * MiB : 5 * MiB + 3] == data[7:10]
+    assert written[7 * MiB :] == data[-(3 * 4096 + 5):]
 
 
 @pytest.mark.parametrize("access", [mmap.ACCESS_READ, mmap.ACCESS_COPY, mmap.ACCESS_WRITE])
