@@ -1,8 +1,9 @@
 """fastckpt's save options against each other, with more repetitions than ``make bench``.
 
 Run as ``python -m benchmarks.bench_save_variants [--size-gib 1.0] [--reps 9] [--dir DIR]``.
-Saves the default state with checksums (the default), without, with
-``compression="zstd"`` and with ``compression="auto"``, in interleaved rounds of
+Saves the default state with checksums (the default), without, through the page
+cache instead of O_DIRECT (``direct_io=False``), with ``compression="zstd"`` and
+with ``compression="auto"``, in interleaved rounds of
 shuffled order (``fastckpt.benchmark.Bench.fastckpt_saves``), and reports each
 variant's median stall and time to durable, and their ratio to the default. On a
 disk whose speed swings from one save to the next, more rounds are what settles
@@ -19,6 +20,7 @@ import tempfile
 from fastckpt import benchmark as fb
 
 VARIANTS = {"default (xxh3)": {}, "no checksum": {"checksum": None},
+            "through the page cache": {"direct_io": False},
             "zstd": {"compression": "zstd"}, "auto": {"compression": "auto"}}
 
 

@@ -607,6 +607,7 @@ def _run_suite(tmp: str, state: dict, reps: int, peers: Sequence[str], train_ste
         ("limits", None, b.raw_io),
         ("save", None, lambda: b.fastckpt_saves({
             "fastckpt": {}, "fastckpt_nochecksum": {"checksum": None},
+            "fastckpt_buffered": {"direct_io": False},
             "fastckpt_zstd": {"compression": "zstd"},
             "fastckpt_auto": {"compression": "auto"}})),
     ]
@@ -621,8 +622,8 @@ def _run_suite(tmp: str, state: dict, reps: int, peers: Sequence[str], train_ste
             r[section].update(fn())
         else:
             r[section][key] = fn()
-    _remove(b.path("fastckpt_nochecksum"))
-    _remove(b.path("fastckpt_auto"))
+    for name in ("fastckpt_nochecksum", "fastckpt_buffered", "fastckpt_auto"):
+        _remove(b.path(name))
     log("  measuring loads (cold, warm) ...")
     r["load"].update(b.loads(b.load_variants(peers)))
     r["cold_method"] = b.cold_method or "O_DIRECT (raw read only; loads not cold)"
@@ -712,6 +713,7 @@ def check_targets(r: dict) -> list[tuple[str, float, bool]]:
 
 # (label, section, key) of each row, in table order.
 _SAVE_ROWS = [("fastckpt", "fastckpt"), ("fastckpt, no checksum", "fastckpt_nochecksum"),
+              ("fastckpt, through the page cache", "fastckpt_buffered"),
               ("fastckpt, zstd", "fastckpt_zstd"), ("fastckpt, auto", "fastckpt_auto"),
               ("torch.save", "torch_save_s"),
               ("safetensors save_file", "safetensors_save_s"), ("DCP save", "dcp_save_s"),

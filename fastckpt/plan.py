@@ -14,9 +14,9 @@ from .errors import UnsupportedTypeError
 from .fileio import DIRECT_ALIGN
 from .tree import Flat, dtype_name
 
-# An uncompressed shard with at least this much data gets a header padded to a whole
-# number of O_DIRECT blocks, so that its data section can be written around the page
-# cache (see writer.py); below it the padding would cost more than it saves.
+# A shard with at least this much data (before compression) gets a header padded to a
+# whole number of O_DIRECT blocks, so that its data section can be written around the
+# page cache (see writer.py); below it the padding would cost more than it saves.
 DIRECT_MIN = 256 << 10
 
 # torch dtype -> safetensors dtype tag (the shards must stay stock safetensors).
@@ -81,9 +81,8 @@ class ShardPlan:
 
     @property
     def direct(self) -> bool:
-        """Whether the data section starts on an O_DIRECT block boundary (and holds no
-        compressed payloads, whose sizes are not known in advance)."""
-        return not self.compressed and len(self.header) % DIRECT_ALIGN == 0
+        """Whether the data section starts on an O_DIRECT block boundary."""
+        return len(self.header) % DIRECT_ALIGN == 0
 
 
 @dataclass
@@ -242,7 +241,7 @@ def _layout_shard(shard: ShardPlan, members: list[Stored]) -> None:
     # size: a header with that size everywhere is at least as long as the real one.
     bound = max(offset, 1)
     payloads = {s.name: (bound, 2 * bound) for s in members if s.compress}
-    align = DIRECT_ALIGN if offset >= DIRECT_MIN and not payloads else 8
+    align = DIRECT_ALIGN if offset >= DIRECT_MIN else 8
     shard.header = shard_header(members, payloads, align=align)
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from . import checksum as ck
 from . import codec, fileio
@@ -46,9 +49,10 @@ class Compression:
     adaptive: bool = False
 
 
-# An adaptive writer lets this much of its shard wait for the disk before it waits too:
-# enough to keep the disk busy, little enough that the encoders get the disk's time.
-# It checks every PACE_STEP bytes (each check walks the file's cached pages).
+# A buffered writer starts writeback every PACE_STEP bytes (each call walks the file's
+# cached pages); an adaptive one also lets at most PACE_WINDOW bytes of its shard wait
+# for the disk before it waits too: enough to keep the disk busy, little enough that
+# the encoders get the disk's time. PACE_STEP is also the direct writer's request size.
 PACE_WINDOW = 32 << 20
 PACE_STEP = 8 << 20
 
@@ -141,39 +145,96 @@ class _Digests:
         return self.done.get(name) or ck.digest(self.kind, b"")  # empty tensors
 
 
-class _RawSink:
-    """Writes an uncompressed shard's data section, in order, after its header.
+class _Sink:
+    """Writes a shard's data section, in order, after its header.
 
-    Where the shard is laid out for it and the filesystem allows, the blocks go from
-    the (page-aligned) staging buffers to the disk through O_DIRECT: the page-cache
-    copy and its writeback cost a core as much time as the disk takes, which on a
-    machine this small is time taken from training (and from the encoders)."""
+    Where the shard is laid out for it and the filesystem allows, the bytes go to the
+    disk through O_DIRECT: the page-cache copy and its writeback cost a core about as
+    much time as the disk takes, which on a small machine is time taken from training
+    and from the encoders. Whole aligned blocks of staging memory are written as they
+    are; anything else (encoded payloads, a block's tail) is gathered into an aligned
+    buffer first. Direct writes wait for the disk, so they need no pacing."""
 
-    def __init__(self, fd: int, path: str, shard: ShardPlan, direct: bool) -> None:
-        self.fd, self.path, self.offset = fd, path, len(shard.header)
+    def __init__(self, fd: int, path: str, shard: ShardPlan, direct: bool,
+                 adaptive: bool) -> None:
+        self.fd, self.path, self.adaptive = fd, path, adaptive
+        self.pos = len(shard.header)  # file offset of the next byte not yet written
+        self.flushed = self.paced = 0  # buffered: writeback started / waited for up to here
         self.direct_fd = fileio.open_direct(path, write=True) if direct and shard.direct else None
+        self.pending: memoryview | None = None  # direct: bytes gathered, not yet written
+        self.fill = 0
 
     def write(self, data: memoryview) -> None:
+        if self.direct_fd is None and self.pending is None:
+            write_all(self.fd, data)
+            self.pos += len(data)
+            self._pace()
+            return
+        mv = memoryview(data).cast("B")
+        if not self.fill and _aligned(mv):
+            body = len(mv) - len(mv) % fileio.DIRECT_ALIGN
+            self._put(mv[:body])
+            mv = mv[body:]
+        while mv:
+            if self.pending is None:
+                self.pending = memoryview(mmap.mmap(-1, PACE_STEP))  # page-aligned
+            n = min(len(mv), PACE_STEP - self.fill)
+            self.pending[self.fill : self.fill + n] = mv[:n]
+            self.fill, mv = self.fill + n, mv[n:]
+            if self.fill == PACE_STEP:
+                self._flush()
+
+    def finish(self) -> None:
+        """Write what is still gathered."""
+        if self.fill:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._put(self.pending[: self.fill])
+        self.fill = 0
+
+    def _put(self, buf: memoryview) -> None:
+        """Write ``buf`` at :attr:`pos` through O_DIRECT (a final partial block goes
+        through the page cache), or buffered once O_DIRECT has been refused."""
         if self.direct_fd is not None:
             try:
-                fileio.pwrite_direct(self.direct_fd, self.offset, data)
+                fileio.pwrite_direct(self.direct_fd, self.pos, buf)
+                self.pos += len(buf)
+                return
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                # Accepted at open, refused on writing (a larger block size): go on
-                # through the page cache.
+                # Accepted at open, refused on writing (a larger block size, say): go
+                # on through the page cache.
                 log.info("%s: O_DIRECT write refused (%s); writing it buffered", self.path, e)
                 self.close()
-                os.lseek(self.fd, self.offset, os.SEEK_SET)
-        if self.direct_fd is None:
-            write_all(self.fd, data)
-            fileio.start_writeback(self.fd)
-        self.offset += len(data)
+                os.lseek(self.fd, self.pos, os.SEEK_SET)
+        write_all(self.fd, buf)
+        self.pos += len(buf)
+
+    def _pace(self) -> None:
+        """Start writeback every ``PACE_STEP`` bytes: data arrives at the stager's or
+        the encoders' pace, and waiting for the end would leave the disk idle
+        meanwhile. An adaptive writer also keeps at most ``PACE_WINDOW`` bytes of this
+        shard waiting for the disk."""
+        end = self.pos
+        if end < self.flushed + PACE_STEP:
+            return
+        fileio.start_writeback(self.fd, self.flushed, end - self.flushed)
+        self.flushed = end
+        if self.adaptive and end - PACE_WINDOW >= self.paced + PACE_STEP:
+            self.paced = end - PACE_WINDOW
+            fileio.wait_writeback(self.fd, self.paced)
 
     def close(self) -> None:
         if self.direct_fd is not None:
             os.close(self.direct_fd)
             self.direct_fd = None
+
+
+def _aligned(mv: memoryview) -> bool:
+    return len(mv) >= fileio.DIRECT_ALIGN and (
+        np.frombuffer(mv, dtype=np.uint8).ctypes.data % fileio.DIRECT_ALIGN == 0)
 
 
 class _Encoder:
@@ -184,8 +245,6 @@ class _Encoder:
     def __init__(self, shard: ShardPlan, kind: str | None, opts: Compression) -> None:
         self.kind, self.opts = kind, opts
         self.cursor = shard.raw_bytes  # relative to the data section
-        self.flushed = 0  # the file offset up to which writeback was last started
-        self.paced = 0  # the file offset an adaptive writer last waited for
         self.spans: dict[str, list[int]] = {}
         self.chunks: dict[str, list] = {}
         self.hashers: dict[str, ck.Hasher] = {}
@@ -196,7 +255,7 @@ class _Encoder:
         return codec.Encoding(piece, dt.itemsize, dt.is_floating_point, opts.level,
                               opts.executor, opts.adaptive)
 
-    def write(self, fd: int, data_start: int, s: Stored, encoding: codec.Encoding) -> None:
+    def write(self, sink: _Sink, s: Stored, encoding: codec.Encoding) -> None:
         """Append the payload of a piece started with :meth:`start`."""
         if s.name not in self.spans:
             self.spans[s.name] = [self.cursor, self.cursor]
@@ -207,23 +266,9 @@ class _Encoder:
             self.chunks[s.name].append(meta)
             if self.kind is not None:
                 self.hashers[s.name].update(part)
-            pwrite_all(fd, part, data_start + self.cursor)
+            sink.write(part)
             self.cursor += len(part)
-            self._pace(fd, data_start + self.cursor)
         self.spans[s.name][1] = self.cursor
-
-    def _pace(self, fd: int, end: int) -> None:
-        """Start writeback every ``PACE_STEP`` bytes: encoded payloads arrive at the
-        encoders' pace, and waiting for the block's end would leave the disk idle
-        meanwhile. An adaptive writer also keeps at most ``PACE_WINDOW`` bytes of this
-        shard waiting for the disk."""
-        if end < self.flushed + PACE_STEP:
-            return
-        fileio.start_writeback(fd, self.flushed, end - self.flushed)
-        self.flushed = end
-        if self.opts.adaptive and end - PACE_WINDOW >= self.paced + PACE_STEP:
-            self.paced = end - PACE_WINDOW
-            fileio.wait_writeback(fd, self.paced)
 
     def entry(self, name: str, raw_digest: str | None) -> dict:
         h = self.hashers.get(name)
@@ -252,14 +297,13 @@ def write_shard(
     path = os.path.join(directory, shard.file)
     digests = _Digests(checksum)
     encoder = _Encoder(shard, checksum, compression) if shard.compressed else None
-    sink: _RawSink | None = None
+    sink: _Sink | None = None
     error: BaseException | None = None
     fd = -1
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        if encoder is None:
-            sink = _RawSink(fd, path, shard, direct)
-            write_all(fd, shard.header)
+        sink = _Sink(fd, path, shard, direct, encoder is not None and compression.adaptive)
+        write_all(fd, shard.header)  # a compressed shard's is rewritten at the end
     except OSError as e:
         error = e
     for block in iter(blocks.get, None):
@@ -270,11 +314,10 @@ def write_shard(
                 # so the checksum hides behind the write instead of adding to it.
                 hashed = hashers.submit(digests.update, block, data)
                 try:
-                    if sink is not None:
+                    if encoder is None:
                         sink.write(data)
                     else:
-                        _write_encoded(fd, shard, block, data, encoder)
-                        fileio.start_writeback(fd)
+                        _write_encoded(sink, block, data, encoder)
                 finally:
                     hashed.result()
         except BaseException as e:  # noqa: BLE001 - reported below, after draining
@@ -283,6 +326,7 @@ def write_shard(
             pool.release(block.buf)
     try:
         if error is None:
+            sink.finish()
             result = _finish(fd, shard, digests, encoder)
             os.fsync(fd)
     except (OSError, ValueError) as e:
@@ -297,20 +341,20 @@ def write_shard(
     return result
 
 
-def _write_encoded(fd: int, shard: ShardPlan, block: Block, data: memoryview,
-                   encoder: _Encoder) -> None:
-    base = len(shard.header)
-    # Every compressed piece of the block is queued before the first is written, so
-    # the encoders work ahead of the writer across pieces, small tensors included.
-    pieces = [(s, a, data[dst : dst + (b - a)]) for s, a, b, dst in block.pieces]
-    encodings = {i: encoder.start(s, piece) for i, (s, _, piece) in enumerate(pieces)
+def _write_encoded(sink: _Sink, block: Block, data: memoryview, encoder: _Encoder) -> None:
+    # The data section is written in order: a compressed shard's uncompressed tensors
+    # come first, then the payloads. Every compressed piece of the block is queued
+    # before the first is written, so the encoders work ahead of the writer across
+    # pieces, small tensors included.
+    pieces = [(s, data[dst : dst + (b - a)]) for s, a, b, dst in block.pieces]
+    encodings = {i: encoder.start(s, piece) for i, (s, piece) in enumerate(pieces)
                  if s.compress}
     try:
-        for i, (s, a, piece) in enumerate(pieces):
+        for i, (s, piece) in enumerate(pieces):
             if s.compress:
-                encoder.write(fd, base, s, encodings[i])
+                encoder.write(sink, s, encodings[i])
             else:
-                pwrite_all(fd, piece, base + s.start + a)
+                sink.write(piece)
     finally:
         for encoding in encodings.values():
             encoding.cancel()  # after a failed write: no work left queued on this block

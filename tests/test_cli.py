@@ -219,8 +219,8 @@ def test_parse_size():
 
 BENCH_FIELDS = {
     "limits": {"memcpy_s", "raw_write_s", "raw_read", "raw_by_threads"},
-    "save": {"fastckpt", "fastckpt_nochecksum", "fastckpt_zstd", "fastckpt_auto",
-             "torch_save_s", "safetensors_save_s", "dcp_save_s", "dcp_async_save"},
+    "save": {"fastckpt", "fastckpt_nochecksum", "fastckpt_buffered", "fastckpt_zstd",
+             "fastckpt_auto", "torch_save_s", "safetensors_save_s", "dcp_save_s", "dcp_async_save"},
     "load": {"fastckpt_mmap", "fastckpt_read", "fastckpt_read_fallback", "fastckpt_zstd",
              "fastckpt_verified", "load_into", "verify", "torch_load", "torch_load_mmap",
              "safetensors_load", "dcp_load"},

@@ -273,7 +273,8 @@ def direct_dir(tmp_path):
     ({}, True),
     ({"direct_io": False}, False),
     ({"staging_budget": 1 << 20}, False),  # staged in pieces: buffers return sooner
-    ({"compression": "zstd"}, False),
+    ({"compression": "zstd"}, True),  # payloads are gathered into aligned requests
+    ({"compression": "auto", "staging_budget": 1 << 20}, False),
 ])
 def test_large_shards_bypass_the_page_cache(direct_dir, options, direct):
     path = direct_dir / "ckpt"
@@ -284,8 +285,8 @@ def test_large_shards_bypass_the_page_cache(direct_dir, options, direct):
     cached = cached_fraction(shard)
     # Direct: only the header's page and the last, partial block went through the cache.
     assert cached < 0.01 if direct else cached > 0.9, cached
+    assert data_start(shard) % fileio.DIRECT_ALIGN == 0
     if "compression" not in options:
-        assert data_start(shard) % fileio.DIRECT_ALIGN == 0
         assert_same(load_file(shard), saved)  # stock safetensors reads the padded header
     assert_same(fastckpt.load(path, verify=True), saved)
 
@@ -295,12 +296,14 @@ def test_small_shards_keep_a_short_header(ckpt, engine):
     assert data_start(shards(ckpt)[0]) < fileio.DIRECT_ALIGN
 
 
-def test_direct_write_refused_goes_on_buffered(direct_dir, monkeypatch, caplog):
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_direct_write_refused_goes_on_buffered(direct_dir, monkeypatch, caplog, compression):
     """A filesystem that opens O_DIRECT but refuses its writes (EINVAL)."""
     faulty = FaultyOS(fileio, pwrite_direct=(errno.EINVAL, always))
     monkeypatch.setattr(writer, "fileio", faulty)
     saved = state(n=4, size=1 << 20)
-    with fastckpt.Checkpointer() as c, caplog.at_level("INFO", logger="fastckpt"):
+    with fastckpt.Checkpointer(compression=compression) as c, \
+            caplog.at_level("INFO", logger="fastckpt"):
         c.save(saved, direct_dir / "ckpt").wait(timeout=60)
     assert faulty.calls["pwrite_direct"] == 1 and "O_DIRECT write refused" in caplog.text
     assert cached_fraction(shards(direct_dir / "ckpt")[0]) > 0.9
