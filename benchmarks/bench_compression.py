@@ -9,7 +9,9 @@ falls back to synthetic weights and says so.
 
 The throttle wraps the writer's ``os.write``/``os.pwrite``/``os.fsync``: a link of the
 given rate behind a 64 MiB write-back buffer, shared by all writer threads, so it
-limits what reaches the disk, not the pipeline.
+limits what reaches the disk, not the pipeline. The writer's O_DIRECT writes
+(``fileio.pwrite_direct``) take the same link but bypass the buffer: each returns
+once the link has carried it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from benchmarks.bench_codec import INSTALL_HINT, find_weights, load_weights
 from fastckpt import benchmark as fb
-from fastckpt import writer
+from fastckpt import fileio, writer
 
 
 def training_state(copies: int) -> tuple[dict, str]:
@@ -56,10 +58,10 @@ class Throttle:
         self.rate, self.buffer = rate, buffer
         self._lock, self._drained = threading.Lock(), time.monotonic()
 
-    def _queue(self, n: int) -> None:
+    def _queue(self, n: int, buffered: bool = True) -> None:
         with self._lock:
             self._drained = max(self._drained, time.monotonic()) + n / self.rate
-            until = self._drained - self.buffer / self.rate
+            until = self._drained - (self.buffer / self.rate if buffered else 0.0)
         time.sleep(max(0.0, until - time.monotonic()))
 
     def write(self, fd, data):
@@ -80,20 +82,36 @@ class Throttle:
         return getattr(os, name)
 
 
+class ThrottledFileIO:
+    """Stands in for ``fastckpt.fileio`` in the writer: O_DIRECT writes over the same
+    link as a :class:`Throttle`, without its write-back buffer."""
+
+    def __init__(self, throttle: Throttle) -> None:
+        self._throttle = throttle
+
+    def pwrite_direct(self, fd, offset, buf):
+        self._throttle._queue(len(memoryview(buf).cast("B")), buffered=False)
+        return fileio.pwrite_direct(fd, offset, buf)
+
+    def __getattr__(self, name):
+        return getattr(fileio, name)
+
+
 MODES = ("none", "zstd", "auto")
 
 
 def run(state: dict, workdir: str, throttle: float | None, reps: int) -> dict:
     """Median stall, time-to-durable and size on disk of each compression mode, the
     modes' saves interleaved (see fastckpt.benchmark.Bench.fastckpt_saves)."""
-    real_os = writer.os
+    real = writer.os, writer.fileio
     if throttle:
-        writer.os = Throttle(throttle)
+        link = Throttle(throttle)
+        writer.os, writer.fileio = link, ThrottledFileIO(link)
     try:
         return fb.Bench(state, workdir, reps).fastckpt_saves(
             {m: {"compression": None if m == "none" else m} for m in MODES})
     finally:
-        writer.os = real_os
+        writer.os, writer.fileio = real
 
 
 def main() -> None:
