@@ -202,7 +202,9 @@ class CheckpointReader:
         self._shards: dict[int, Shard] = {}
         self._lock = threading.Lock()
         self._by_path: dict[str, int] | None = None
-        self._decode_pool: cf.Executor | None = None
+        # Lazily made, shared by every shard: chunk decoders, and the tensor tasks
+        # that wait on them (apart, so that no task waits on its own pool).
+        self._pools: dict[str, cf.Executor] = {}
 
     # -- mapping interface ----------------------------------------------------
 
@@ -359,7 +361,7 @@ class CheckpointReader:
         disk = self._digest(shard, t, payload, t.checksum) if self.verify else None
         out = torch.empty(t.shape, dtype=t.dtype_obj) if out is None else out
         codec.decode_into(payload, t.codec, tensor_bytes(out), key=t.name,
-                          executor=self._decoders())
+                          executor=self._pool("decode"))
         if self.manifest.checksum is not None:  # a codec bug must not hand back wrong values
             self._digest(shard, t, tensor_bytes(out), t.raw_checksum, "decoded ")
         return out, disk
@@ -373,12 +375,12 @@ class CheckpointReader:
             )
         return got
 
-    def _decoders(self) -> cf.Executor:
+    def _pool(self, name: str) -> cf.Executor:
         with self._lock:
-            if self._decode_pool is None:
-                self._decode_pool = cf.ThreadPoolExecutor(self.workers,
-                                                          thread_name_prefix="fastckpt-decode")
-            return self._decode_pool
+            if name not in self._pools:
+                self._pools[name] = cf.ThreadPoolExecutor(
+                    self.workers, thread_name_prefix=f"fastckpt-{name}")
+            return self._pools[name]
 
     # -- whole checkpoint -------------------------------------------------------
 
@@ -416,11 +418,17 @@ class CheckpointReader:
             return [self._materialize(shard, t) for t in members]
         if self.mmap:
             shard.mapping()  # created once here, not raced for by the threads below
-        with cf.ThreadPoolExecutor(self.workers, thread_name_prefix="fastckpt-load") as pool:
-            futures = [pool.submit(self._materialize, shard, t) if t.codec is not None
-                       else None for t in members]
+        pool = self._pool("tensor")
+        futures = [pool.submit(self._materialize, shard, t) if t.codec is not None
+                   else None for t in members]
+        try:
             return [self._materialize(shard, t) if f is None else f.result()
                     for t, f in zip(members, futures, strict=True)]
+        finally:
+            for f in futures:
+                if f is not None:
+                    f.cancel()  # after a failure: nothing left queued for this shard
+            cf.wait([f for f in futures if f is not None])
 
     def load(self, map_location: Any = "cpu") -> Any:
         """Rebuild the saved object (see :func:`fastckpt.load`)."""
@@ -448,9 +456,9 @@ class CheckpointReader:
             for s in self._shards.values():
                 s.close()
             self._shards.clear()
-            if self._decode_pool is not None:
-                self._decode_pool.shutdown()
-                self._decode_pool = None
+            for pool in self._pools.values():
+                pool.shutdown()
+            self._pools.clear()
 
     def __enter__(self) -> CheckpointReader:
         return self
