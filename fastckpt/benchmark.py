@@ -34,6 +34,7 @@ import torch
 
 from . import __version__, fileio
 from .checkpointer import Checkpointer
+from .reader import CheckpointReader
 from .reader import load as fastckpt_load
 from .reader import verify as fastckpt_verify
 from .restore import load_into
@@ -43,6 +44,7 @@ PEERS = ("torch", "safetensors", "dcp")
 PAGE = 4096
 _CHUNK = 64 << 20  # raw I/O request size
 RAW_THREADS = (1, 4)  # threads per raw request; 4 is what fastckpt's readers use
+LAZY_TENSORS = 10_000  # tensors in the checkpoint opened lazily
 
 
 def _direct_allowed(path: str) -> bool:
@@ -417,6 +419,24 @@ class Bench:
         return {name: {"cold_s": statistics.median(cold[name]),
                        "warm_s": statistics.median(warm[name])} for name in variants}
 
+    def lazy_open(self, tensors: int = LAZY_TENSORS) -> dict:
+        """Seconds to open a checkpoint of ``tensors`` small tensors and fetch one,
+        cold (its files dropped from the page cache) and warm."""
+        path = self.path("lazy")
+        with Checkpointer() as c:
+            c.save({f"t{i}": torch.full((8,), float(i)) for i in range(tensors)}, path).wait()
+
+        def fetch() -> None:
+            with CheckpointReader(path) as r:
+                r[f"t{tensors // 3}"]
+
+        try:
+            return {"tensors": tensors,
+                    "cold_s": _median_time(fetch, self.reps + 2, lambda: self.drop([path])),
+                    "warm_s": _median_time(fetch, self.reps)}
+        finally:
+            _remove(path)
+
     def load_variants(self, peers: Sequence[str]) -> dict[str, tuple[Callable[[], Any], str]]:
         """fastckpt's loads and the peers' ones, for :meth:`loads`."""
         p, pz = self.path("fastckpt"), self.path("fastckpt_zstd")
@@ -626,6 +646,8 @@ def _run_suite(tmp: str, state: dict, reps: int, peers: Sequence[str], train_ste
         _remove(b.path(name))
     log("  measuring loads (cold, warm) ...")
     r["load"].update(b.loads(b.load_variants(peers)))
+    log(f"  measuring a lazy open of {LAZY_TENSORS} tensors ...")
+    r["lazy_open"] = b.lazy_open()
     r["cold_method"] = b.cold_method or "O_DIRECT (raw read only; loads not cold)"
     if train_steps > 0:
         r["train"] = run_training(tmp, train_steps, reps, peers, log)
@@ -662,6 +684,7 @@ def _with_ratios(r: dict) -> dict:
         "verify_over_raw_read": rates["verify_cold"] / rates["raw_read_cold"],
         "native_over_fallback_cold": ld["fastckpt_read_fallback"]["cold_s"]
         / ld["fastckpt_read"]["cold_s"],
+        "lazy_open_cold_s": r["lazy_open"]["cold_s"],
     }
     if "torch_save_s" in sv:
         ratios["speedup_vs_torch_save"] = sv["torch_save_s"] / fc["total_s"]
@@ -699,6 +722,8 @@ LOAD_TARGETS = [
      "warm restore >= 2x safetensors load_file (+touch)"),
     ("warm_restore_over_torch_load", ">=", 3.0, "warm restore >= 3x torch.load"),
     ("load_checksum_cost", "<", 0.10, "verify=True costs < 10% of a cold restore"),
+    ("lazy_open_cold_s", "<", 0.05,
+     f"open a {LAZY_TENSORS:,}-tensor checkpoint and fetch one, cold: < 0.05 s"),
 ]
 
 
@@ -774,6 +799,9 @@ def format_report(r: dict) -> str:
                 out.append(f"| {label} | {c:.3f} | {_gbs(n, c)} | "
                            f"{lim['raw_read']['cold_s'] / c:.2f} | {w:.3f} | {_gbs(n, w)} | "
                            f"{lim['memcpy_s'] / w:.2f} |")
+    lz = r["lazy_open"]
+    out.append(f"\nlazy open of {lz['tensors']:,} tensors and fetch of one: "
+               f"{lz['cold_s'] * 1e3:.1f} ms cold, {lz['warm_s'] * 1e3:.1f} ms warm")
     if "train" in r:
         t = r["train"]
         out += ["", f"training loop: {t['steps']} steps, a checkpoint every {t['every']} "
