@@ -1,5 +1,6 @@
 """Damaged checkpoints: verify reports, load(verify=True) raises, nothing loads silently wrong."""
 
+import gc
 import json
 import os
 import random
@@ -106,7 +107,18 @@ def test_manifest_not_json(saved):
         f.write("{not json")
     with pytest.raises(fastckpt.CorruptCheckpointError, match="not valid JSON"):
         fastckpt.load(path)
+    assert gc.isenabled()  # paused while the manifest was decoded, on again after the error
     assert not fastckpt.verify(path).ok
+
+
+def test_manifest_read_leaves_a_disabled_gc_disabled(saved):
+    path, _ = saved
+    gc.disable()
+    try:
+        fastckpt.load(path)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize(
