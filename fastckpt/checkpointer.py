@@ -117,11 +117,11 @@ class Checkpointer:
             more than one rank); ``False`` saves from this process alone.
         collective_timeout: seconds a rank waits for the others to finish a save
             before the save fails (and the checkpoint is not committed).
-        direct_io: write the data of uncompressed shards (of 256 KiB or more) from the
-            staging buffers straight to the disk with O_DIRECT, bypassing the page
-            cache, where the filesystem supports it and the state fits in
-            ``staging_budget`` (default True); False writes everything through the
-            page cache.
+        direct_io: write the data of shards of 256 KiB or more to the disk with
+            O_DIRECT (from the staging buffers, or compressed from an aligned buffer),
+            bypassing the page cache, where the filesystem supports it and the state
+            fits in ``staging_budget`` (default True); False writes everything
+            through the page cache.
 
     Use as a context manager, or call :meth:`close` to wait for in-flight saves.
     """

@@ -217,10 +217,10 @@ def _check_seal(data: bytes, doc: dict) -> None:
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector. Decoding and parsing the manifest of a
-    checkpoint with many tensors allocates hundreds of thousands of objects at once, which makes the
-    collector run full passes over the whole heap (over 100 ms in a process that has
-    imported torch, against 15 ms for the decoding itself); JSON values hold no
-    cycles, so there is nothing for it to find."""
+    checkpoint with many tensors allocates hundreds of thousands of objects at once,
+    which makes the collector run full passes over the whole heap (over 100 ms in a
+    process that has imported torch, against 15 ms for the decoding itself); JSON
+    values hold no cycles, so there is nothing for it to find."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -164,13 +164,13 @@ class _Sink:
         self.pending: memoryview | None = None  # direct: bytes gathered, not yet written
         self.fill = 0
 
-    def write(self, data: memoryview) -> None:
+    def write(self, data) -> None:
+        mv = memoryview(data).cast("B")
         if self.direct_fd is None and self.pending is None:
-            write_all(self.fd, data)
-            self.pos += len(data)
+            write_all(self.fd, mv)
+            self.pos += len(mv)
             self._pace()
             return
-        mv = memoryview(data).cast("B")
         if not self.fill and _aligned(mv):
             body = len(mv) - len(mv) % fileio.DIRECT_ALIGN
             self._put(mv[:body])
@@ -289,9 +289,9 @@ def write_shard(
 ) -> ShardResult:
     """Write ``shard`` into ``directory`` from the blocks arriving on ``blocks``
     (``None`` ends the stream), hashing each block on ``hashers`` and encoding the
-    tensors the plan marked for compression. ``direct``: write an uncompressed data
-    section through O_DIRECT where possible (each buffer then returns to ``pool`` only
-    once its bytes are on the disk).
+    tensors the plan marked for compression. ``direct``: write the data section
+    through O_DIRECT where possible (each buffer then returns to ``pool`` only once
+    its bytes, or their encoding, are on the disk).
 
     Raises :class:`CheckpointWriteError` naming the file."""
     path = os.path.join(directory, shard.file)
