@@ -239,7 +239,8 @@ def test_bench_json_and_plot(tmp_path):
     assert all({"cold_s", "warm_s"} <= set(v) for v in d["load"].values())
     assert d["lazy_open"]["tensors"] == 10_000 and d["lazy_open"]["cold_s"] > 0
     assert {"stall_s", "total_s"} <= set(d["save"]["dcp_async_save"])
-    assert set(d["train"]["variants"]) == {"none", "fastckpt", "torch", "dcp"}
+    assert set(d["train"]["variants"]) == {"none", "fastckpt", "fastckpt_page_cache", "torch",
+                                           "dcp"}
     assert all({"step_s", "overhead", "stall_s", "drain_s"} <= set(v)
                for v in d["train"]["variants"].values())
     ratio_keys = {k for k, *_ in benchmark.SAVE_TARGETS + benchmark.LOAD_TARGETS}
