@@ -406,14 +406,16 @@ class Bench:
         saves, the reps go round-robin over the variants."""
         cold: dict[str, list[float]] = {name: [] for name in variants}
         warm: dict[str, list[float]] = {name: [] for name in variants}
-        # Cold reads swing most on a shared disk: two more reps for their medians.
+        # Cold reads swing most on a shared disk, and a warm mapped load takes only
+        # tens of milliseconds, which a stray page-reclaim burst doubles: two more
+        # reps for both medians.
         for r in range(self.reps + 2):
             for name, (fn, files) in _round(variants, r):
                 cold[name].append(_median_time(lambda fn=fn: touch(fn()), 1,
                                                lambda f=files: self.drop([self.path(f)])))
         for fn, _ in variants.values():
             touch(fn())  # leaves the files cached
-        for r in range(self.reps):
+        for r in range(self.reps + 2):
             for name, (fn, _) in _round(variants, r):
                 warm[name].append(_median_time(lambda fn=fn: touch(fn()), 1))
         return {name: {"cold_s": statistics.median(cold[name]),
