@@ -120,8 +120,9 @@ class Checkpointer:
         direct_io: write the data of shards of 256 KiB or more to the disk with
             O_DIRECT (from the staging buffers, or compressed from an aligned buffer),
             bypassing the page cache, where the filesystem supports it and the state
-            fits in ``staging_budget`` (default True); False writes everything
-            through the page cache.
+            fits in ``staging_budget`` or the caller waits for the writes anyway (as
+            the DCP plugin's ``write_data`` does) (default True); False writes
+            everything through the page cache.
 
     Use as a context manager, or call :meth:`close` to wait for in-flight saves.
     """
@@ -293,7 +294,9 @@ class Checkpointer:
         fits = self._pool.fits(plan.shards)
         defer = not stream and fits
         # O_DIRECT holds each buffer until its bytes are on the disk, not merely in the
-        # page cache: only for saves whose staging never waits on the writers for room.
+        # page cache. Not for a larger state staged while the caller waits: its staging
+        # would wait for the disk instead of for a copy into the page cache. A caller
+        # that streams waits for the writes anyway.
         direct = self.direct_io and (fits or stream)
         futures: list[cf.Future[ShardResult]] = []
         queues: list[queue.Queue] = []

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -214,20 +215,34 @@ def _check_seal(data: bytes, doc: dict) -> None:
              "manifest checksum mismatch: the manifest is damaged")
 
 
+_gc_lock = threading.Lock()
+_gc_pauses = 0  # readers inside _collector_paused
+_gc_was_enabled = False  # the collector's state when the first of them came in
+
+
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector. Decoding and parsing the manifest of a
     checkpoint with many tensors allocates hundreds of thousands of objects at once,
     which makes the collector run full passes over the whole heap (over 100 ms in a
     process that has imported torch, against 15 ms for the decoding itself); JSON
-    values hold no cycles, so there is nothing for it to find."""
-    enabled = gc.isenabled()
-    gc.disable()
+    values hold no cycles, so there is nothing for it to find.
+
+    The switch is the whole process's: readers on several threads share one pause,
+    and the last to leave restores the state the first found."""
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def read(ckpt_dir: str, lazy: bool = False) -> Manifest:

@@ -102,8 +102,12 @@ class StagingPool:
 
 def _aligned_empty(nbytes: int, pin: bool) -> torch.Tensor:
     """An uninitialised uint8 buffer starting on a page boundary, as O_DIRECT writes
-    from it need (pinned memory already is; the CPU allocator aligns to less)."""
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    from it need. Pinned memory already is (and its allocator rounds sizes up to a
+    power of two, so asking for a page more would pin twice the memory); the CPU
+    allocator aligns to less."""
+    if pin:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
     skip = -raw.data_ptr() % ALIGN
     return raw[skip : skip + nbytes]
 

@@ -290,8 +290,8 @@ def write_shard(
     """Write ``shard`` into ``directory`` from the blocks arriving on ``blocks``
     (``None`` ends the stream), hashing each block on ``hashers`` and encoding the
     tensors the plan marked for compression. ``direct``: write the data section
-    through O_DIRECT where possible (each buffer then returns to ``pool`` only once
-    its bytes, or their encoding, are on the disk).
+    through O_DIRECT where possible (a staging block written from in place then
+    returns to ``pool`` only once its bytes are on the disk).
 
     Raises :class:`CheckpointWriteError` naming the file."""
     path = os.path.join(directory, shard.file)

@@ -118,6 +118,17 @@ def edit_manifest(path, fn, reseal=True):
     write_manifest(path, doc, reseal)
 
 
+def skip_without_direct_io(path):
+    """Skip the test where the filesystem holding ``path`` refuses O_DIRECT."""
+    from fastckpt import fileio
+
+    fd = fileio.open_direct(os.path.join(path, ".direct-probe"), write=True)
+    if fd is None:
+        pytest.skip(f"the filesystem holding {path} refuses O_DIRECT")
+    os.close(fd)
+    os.remove(os.path.join(path, ".direct-probe"))
+
+
 def shards(path):
     """A checkpoint's shard files, in name order."""
     return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))

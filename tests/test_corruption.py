@@ -5,12 +5,15 @@ import json
 import os
 import random
 import re
+import sys
+import threading
 
 import pytest
 import torch
 from conftest import data_start, edit_manifest, flip_bit, shards
 
 import fastckpt
+from fastckpt import manifest
 from fastckpt.manifest import MANIFEST_NAME
 
 
@@ -109,6 +112,33 @@ def test_manifest_not_json(saved):
         fastckpt.load(path)
     assert gc.isenabled()  # paused while the manifest was decoded, on again after the error
     assert not fastckpt.verify(path).ok
+
+
+def test_manifest_reads_on_many_threads_leave_the_gc_on(saved):
+    """The collector's pause is shared by threads: a reader entering while another
+    leaves must not leave it off. With a thread switch near every bytecode, a pause
+    that each reader takes on its own is left off in about one round in fifty."""
+    path, _ = saved
+
+    def read_many():
+        manifest.read(str(path), lazy=True)
+        for _ in range(200):
+            with manifest._collector_paused():
+                pass
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(500):
+            threads = [threading.Thread(target=read_many) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert gc.isenabled()
+    finally:
+        sys.setswitchinterval(interval)
+        gc.enable()
 
 
 def test_manifest_read_leaves_a_disabled_gc_disabled(saved):

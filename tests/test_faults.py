@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same
+from conftest import assert_same, skip_without_direct_io
 from faults import EACCES, EIO, ENOSPC, FailingLibc, FaultyOS, NthMatch
 
 import fastckpt
@@ -166,6 +166,8 @@ FAULT_ENGINE = {"workers": 2, "shard_size": WIDTH * 4, "staging_budget": 64 << 1
 
 def run_point(tmp_path, monkeypatch, name, err, nth, figures):
     point = POINTS[name]
+    if point.call == "pwrite_direct":
+        skip_without_direct_io(tmp_path)
     if point.fallback:
         monkeypatch.setattr(commit, "_exchange", lambda a, b: False)
     fired = []
