@@ -122,6 +122,7 @@ def skip_without_direct_io(path):
     """Skip the test where the filesystem holding ``path`` refuses O_DIRECT."""
     from fastckpt import fileio
 
+    os.makedirs(path, exist_ok=True)
     fd = fileio.open_direct(os.path.join(path, ".direct-probe"), write=True)
     if fd is None:
         pytest.skip(f"the filesystem holding {path} refuses O_DIRECT")
