@@ -178,6 +178,12 @@ def pread_direct_into(fd: int, offset: int, buf) -> None:
             _direct_read(fd, offset, flat)
 
 
+def aligned(buf) -> bool:
+    """Whether the (non-empty) buffer starts on a :data:`DIRECT_ALIGN` boundary, so
+    that O_DIRECT reads or writes it in place."""
+    return np.frombuffer(buf, dtype=np.uint8).ctypes.data % DIRECT_ALIGN == 0
+
+
 def pwrite_direct(fd: int, offset: int, buf) -> None:
     """Write ``buf`` at the aligned ``offset`` of an :func:`open_direct` descriptor.
 
@@ -337,7 +343,7 @@ def _direct_read(fd: int, offset: int, flat: memoryview) -> None:
 def _direct_write(fd: int, offset: int, body: memoryview) -> None:
     if not body:
         return
-    if np.frombuffer(body, dtype=np.uint8).ctypes.data % DIRECT_ALIGN == 0:
+    if aligned(body):
         _write_full(fd, body, offset)  # aligned memory goes to the disk as it is
         return
     staging = memoryview(mmap.mmap(-1, min(_BOUNCE, body.nbytes)))

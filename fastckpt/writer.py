@@ -16,8 +16,6 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from . import checksum as ck
 from . import codec, fileio
 from .errors import CheckpointWriteError
@@ -167,11 +165,9 @@ class _Sink:
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
         if self.direct_fd is None and self.pending is None:
-            write_all(self.fd, mv)
-            self.pos += len(mv)
-            self._pace()
+            self._put(mv)
             return
-        if not self.fill and _aligned(mv):
+        if not self.fill and len(mv) >= fileio.DIRECT_ALIGN and fileio.aligned(mv):
             body = len(mv) - len(mv) % fileio.DIRECT_ALIGN
             self._put(mv[:body])
             mv = mv[body:]
@@ -195,7 +191,7 @@ class _Sink:
 
     def _put(self, buf: memoryview) -> None:
         """Write ``buf`` at :attr:`pos` through O_DIRECT (a final partial block goes
-        through the page cache), or buffered once O_DIRECT has been refused."""
+        through the page cache), or else buffered, starting writeback as it goes."""
         if self.direct_fd is not None:
             try:
                 fileio.pwrite_direct(self.direct_fd, self.pos, buf)
@@ -211,6 +207,7 @@ class _Sink:
                 os.lseek(self.fd, self.pos, os.SEEK_SET)
         write_all(self.fd, buf)
         self.pos += len(buf)
+        self._pace()
 
     def _pace(self) -> None:
         """Start writeback every ``PACE_STEP`` bytes: data arrives at the stager's or
@@ -230,11 +227,6 @@ class _Sink:
         if self.direct_fd is not None:
             os.close(self.direct_fd)
             self.direct_fd = None
-
-
-def _aligned(mv: memoryview) -> bool:
-    return len(mv) >= fileio.DIRECT_ALIGN and (
-        np.frombuffer(mv, dtype=np.uint8).ctypes.data % fileio.DIRECT_ALIGN == 0)
 
 
 class _Encoder:
