@@ -274,13 +274,10 @@ class Bench:
         """Median write + fsync time per thread count: through the page cache, and
         through O_DIRECT (empty where the filesystem refuses it). fastckpt writes
         either way, so the disk's limit is the faster of the two."""
-        buffered = {k: _median_time(lambda k=k: self._write_raw(path, k), self.reps)
-                    for k in RAW_THREADS}
-        direct = {}
-        if _direct_allowed(path):
-            direct = {k: _median_time(lambda k=k: self._write_raw(path, k, True), self.reps)
-                      for k in RAW_THREADS}
-        return buffered, direct
+        modes = [False, True] if _direct_allowed(path) else [False]
+        by = {d: {k: _median_time(lambda k=k, d=d: self._write_raw(path, k, d), self.reps)
+                  for k in RAW_THREADS} for d in modes}
+        return by[False], by.get(True, {})
 
     def _write_raw(self, path: str, threads: int, direct: bool = False) -> None:
         chunk = self._chunk
