@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import fileio
 from .plan import ShardPlan, Stored
 
 MIN_CAPACITY = 1 << 20
@@ -102,14 +103,11 @@ class StagingPool:
 
 def _aligned_empty(nbytes: int, pin: bool) -> torch.Tensor:
     """An uninitialised uint8 buffer starting on a page boundary, as O_DIRECT writes
-    from it need. Pinned memory already is (and its allocator rounds sizes up to a
-    power of two, so asking for a page more would pin twice the memory); the CPU
-    allocator aligns to less."""
+    from it need. Pinned memory already is; CPU memory comes from
+    :func:`fileio.io_buffer`, on huge pages where the kernel allows."""
     if pin:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-    skip = -raw.data_ptr() % ALIGN
-    return raw[skip : skip + nbytes]
+    return torch.frombuffer(fileio.io_buffer(nbytes), dtype=torch.uint8)
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import queue
 import threading
@@ -173,7 +172,7 @@ class _Sink:
             mv = mv[body:]
         while mv:
             if self.pending is None:
-                self.pending = memoryview(mmap.mmap(-1, PACE_STEP))  # page-aligned
+                self.pending = fileio.io_buffer(PACE_STEP)
             n = min(len(mv), PACE_STEP - self.fill)
             self.pending[self.fill : self.fill + n] = mv[:n]
             self.fill, mv = self.fill + n, mv[n:]

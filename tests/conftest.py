@@ -130,6 +130,29 @@ def skip_without_direct_io(path):
     os.remove(os.path.join(path, ".direct-probe"))
 
 
+def huge_page_eligible(address):
+    """Whether the kernel may back the mapping holding ``address`` with transparent
+    huge pages (``THPeligible`` in /proc/self/smaps). Skips the test where transparent
+    huge pages are off or the kernel does not report the field."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                pytest.skip("transparent huge pages are off on this kernel")
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        pytest.skip("no transparent huge pages or /proc/self/smaps here")
+    inside = False
+    for line in lines:
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "THPeligible:":
+            return line.split()[1] == "1"
+    pytest.skip("/proc/self/smaps has no THPeligible field")
+
+
 def shards(path):
     """A checkpoint's shard files, in name order."""
     return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))

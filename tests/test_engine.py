@@ -11,7 +11,13 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import assert_same, data_start, shards, skip_without_direct_io
+from conftest import (
+    assert_same,
+    data_start,
+    huge_page_eligible,
+    shards,
+    skip_without_direct_io,
+)
 from faults import ENOSPC, FaultyOS, always
 from safetensors.torch import load_file
 
@@ -299,6 +305,7 @@ def test_staging_buffers_are_page_aligned():
     pool = StagingPool(128 << 20, pin=False)
     bufs = [pool.acquire(n) for n in (1, 5000, 3 << 20, 64 << 20)]
     assert all(b.data_ptr() % fileio.DIRECT_ALIGN == 0 for b in bufs)
+    assert all(huge_page_eligible(b.data_ptr()) for b in bufs[2:])  # see fileio.io_buffer
 
 
 class FromSecond:

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import huge_page_eligible
 
 from fastckpt import fileio
 
@@ -226,6 +227,26 @@ def test_direct_write_round_trip(impl, tmp_path, big_file):
     assert written[4 * MiB : 4 * MiB + 2 * 4096] == data[: 2 * 4096]
     assert written[5 * MiB : 5 * MiB + 3] == data[7:10]
     assert written[7 * MiB :] == data[-(3 * 4096 + 5):]
+
+
+@pytest.mark.parametrize("nbytes", [1, 5000, fileio.HUGE_PAGE, 3 * fileio.HUGE_PAGE + 4097])
+def test_io_buffer_is_aligned_zeroed_and_writable(nbytes):
+    buf = fileio.io_buffer(nbytes)
+    assert len(buf) == nbytes and fileio.aligned(buf)
+    assert not any(buf[:: 4096]) and not buf[-1]
+    buf[:] = b"\xab" * nbytes
+    assert bytes(buf) == b"\xab" * nbytes
+
+
+def test_large_io_buffer_asks_for_huge_pages():
+    """Direct writes from scattered 4 KiB pages reach the device in small requests:
+    an I/O buffer of a huge page or more starts on a huge-page boundary and is
+    marked for huge pages."""
+    small, large = fileio.io_buffer(fileio.HUGE_PAGE - 4096), fileio.io_buffer(5 << 20)
+    address = np.frombuffer(large, dtype=np.uint8).ctypes.data
+    assert address % fileio.HUGE_PAGE == 0
+    assert huge_page_eligible(address)
+    assert not huge_page_eligible(np.frombuffer(small, dtype=np.uint8).ctypes.data)
 
 
 @pytest.mark.parametrize("access", [mmap.ACCESS_READ, mmap.ACCESS_COPY, mmap.ACCESS_WRITE])
