@@ -7,11 +7,13 @@ never leave the caller waiting on staging memory that nobody will free.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
 import queue
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -297,24 +299,25 @@ def write_shard(
         write_all(fd, shard.header)  # a compressed shard's is rewritten at the end
     except OSError as e:
         error = e
-    for block in iter(blocks.get, None):
+    for job in _started(blocks, encoder if error is None else None):
         try:
             if error is None:
-                data = block.ready()
+                data = job.data()
                 # Hash on another thread while this one writes: both release the GIL,
                 # so the checksum hides behind the write instead of adding to it.
-                hashed = hashers.submit(digests.update, block, data)
+                hashed = hashers.submit(digests.update, job.block, data)
                 try:
                     if encoder is None:
                         sink.write(data)
                     else:
-                        _write_encoded(sink, block, data, encoder)
+                        _write_encoded(sink, job, data, encoder)
                 finally:
                     hashed.result()
         except BaseException as e:  # noqa: BLE001 - reported below, after draining
             error = error or e
         finally:
-            pool.release(block.buf)
+            job.cancel()  # after a failed write: no work left queued on this block
+            pool.release(job.block.buf)
     try:
         if error is None:
             sink.finish()
@@ -332,23 +335,74 @@ def write_shard(
     return result
 
 
-def _write_encoded(sink: _Sink, block: Block, data: memoryview, encoder: _Encoder) -> None:
-    # The data section is written in order: a compressed shard's uncompressed tensors
-    # come first, then the payloads. Every compressed piece of the block is queued
-    # before the first is written, so the encoders work ahead of the writer across
-    # pieces, small tensors included.
-    pieces = [(s, data[dst : dst + (b - a)]) for s, a, b, dst in block.pieces]
-    encodings = {i: encoder.start(s, piece) for i, (s, piece) in enumerate(pieces)
-                 if s.compress}
-    try:
-        for i, (s, piece) in enumerate(pieces):
-            if s.compress:
-                encoder.write(sink, s, encodings[i])
+class _Job:
+    """A block taken from the queue, with the encodings of its compressed pieces
+    already queued on the encoders (or the error that starting them raised)."""
+
+    def __init__(self, block: Block, encoder: _Encoder | None) -> None:
+        self.block, self.encodings, self.error = block, {}, None
+        if encoder is None:
+            return
+        try:
+            data = block.ready()
+            for i, (s, _, _, _) in enumerate(block.pieces):
+                if s.compress:
+                    self.encodings[i] = encoder.start(s, _piece(data, block.pieces[i]))
+        except BaseException as e:  # noqa: BLE001 - raised by data(), in the write loop
+            self.error = e
+
+    def data(self) -> memoryview:
+        if self.error is not None:
+            raise self.error
+        return self.block.ready()
+
+    def cancel(self) -> None:
+        for encoding in self.encodings.values():
+            encoding.cancel()
+
+
+# How many blocks a compressed shard's writer starts encoding beyond the one it is
+# writing: without it the encoders run dry each time the writer waits for the disk.
+LOOKAHEAD = 1
+
+
+def _started(blocks: queue.Queue, encoder: _Encoder | None) -> Iterator[_Job]:
+    """The blocks of ``blocks`` in order, as started jobs. For a compressed shard, up
+    to :data:`LOOKAHEAD` blocks already queued are started before one is handed out;
+    it only ever waits on the queue with no block held, so a writer never keeps a
+    buffer the stager is waiting for while it waits for the stager."""
+    depth = LOOKAHEAD if encoder is not None else 0
+    ahead: collections.deque[_Job] = collections.deque()
+    done = False
+    while ahead or not done:
+        while not done and len(ahead) <= depth:
+            try:
+                block = blocks.get(block=not ahead)
+            except queue.Empty:
+                break
+            if block is None:
+                done = True
             else:
-                sink.write(piece)
-    finally:
-        for encoding in encodings.values():
-            encoding.cancel()  # after a failed write: no work left queued on this block
+                ahead.append(_Job(block, encoder))
+        if ahead:
+            yield ahead.popleft()
+
+
+def _piece(data: memoryview, piece: tuple) -> memoryview:
+    _, a, b, dst = piece
+    return data[dst : dst + (b - a)]
+
+
+def _write_encoded(sink: _Sink, job: _Job, data: memoryview, encoder: _Encoder) -> None:
+    # The data section is written in order: a compressed shard's uncompressed tensors
+    # come first, then the payloads. Every compressed piece of the block was queued
+    # when the job started, so the encoders work ahead of the writer across pieces,
+    # small tensors included.
+    for i, piece in enumerate(job.block.pieces):
+        if i in job.encodings:
+            encoder.write(sink, piece[0], job.encodings[i])
+        else:
+            sink.write(_piece(data, piece))
 
 
 def _finish(fd: int, shard: ShardPlan, digests: _Digests, encoder: _Encoder | None

@@ -143,3 +143,33 @@ def test_per_save_override_and_levels(tmp_path):
     assert torch.equal(fastckpt.load(tmp_path / "z")["x"], obj["x"])
     with pytest.raises(ValueError, match="unknown compression"):
         fastckpt.Checkpointer(compression="lz4")
+
+
+def test_writer_starts_encoding_the_next_queued_block_first():
+    """A compressed shard's writer queues the chunks of the next block already staged
+    before it writes the current one (the encoders then run while it waits for the
+    disk), and never waits for the stager while it holds a block: with a budget of one
+    block, as in ``saved``, that would deadlock."""
+    import queue
+    from types import SimpleNamespace
+
+    from fastckpt import writer
+
+    started = []
+    encoder = SimpleNamespace(start=lambda s, piece: started.append(s.name) or SimpleNamespace())
+
+    def block(name):
+        buf = torch.zeros(8, dtype=torch.uint8)
+        stored = SimpleNamespace(name=name, compress=True)
+        return SimpleNamespace(buf=buf, pieces=[(stored, 0, 8, 0)],
+                               ready=lambda: memoryview(buf.numpy()))
+
+    q = queue.Queue()
+    q.put(block("a"))
+    q.put(block("b"))
+    jobs = writer._started(q, encoder)
+    assert next(jobs).block.pieces[0][0].name == "a" and started == ["a", "b"]
+    assert next(jobs).block.pieces[0][0].name == "b"  # nothing more queued: no wait
+    q.put(block("c"))
+    q.put(None)
+    assert [j.block.pieces[0][0].name for j in jobs] == ["c"] and started == ["a", "b", "c"]
