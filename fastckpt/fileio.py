@@ -193,7 +193,7 @@ def io_buffer(nbytes: int) -> memoryview:
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return memoryview(mmap.mmap(-1, max(nbytes, 1), flags=private))[:nbytes]
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=private)
-    skip = -np.frombuffer(region, dtype=np.uint8).ctypes.data % HUGE_PAGE
+    skip = -_address(region) % HUGE_PAGE
     with contextlib.suppress(OSError):  # no huge pages here: ordinary pages do
         region.madvise(mmap.MADV_HUGEPAGE, skip, nbytes - nbytes % HUGE_PAGE)
     return memoryview(region)[skip : skip + nbytes]
@@ -202,7 +202,11 @@ def io_buffer(nbytes: int) -> memoryview:
 def aligned(buf) -> bool:
     """Whether the (non-empty) buffer starts on a :data:`DIRECT_ALIGN` boundary, so
     that O_DIRECT reads or writes it in place."""
-    return np.frombuffer(buf, dtype=np.uint8).ctypes.data % DIRECT_ALIGN == 0
+    return _address(buf) % DIRECT_ALIGN == 0
+
+
+def _address(buf) -> int:
+    return np.frombuffer(buf, dtype=np.uint8).ctypes.data
 
 
 def pwrite_direct(fd: int, offset: int, buf) -> None:

@@ -130,11 +130,12 @@ class _Digests:
     def update(self, block: Block, data: memoryview) -> None:
         if self.kind is None:
             return
-        for s, a, b, dst in block.pieces:
+        for piece in block.pieces:
+            s, b = piece[0], piece[2]
             h = self.open.get(s.name)
             if h is None:
                 h = self.open[s.name] = ck.new_hasher(self.kind)
-            h.update(data[dst : dst + (b - a)])
+            h.update(_piece(data, piece))
             if b == s.nbytes:
                 self.done[s.name] = self.open.pop(s.name).hexdigest()
 
@@ -345,9 +346,9 @@ class _Job:
             return
         try:
             data = block.ready()
-            for i, (s, _, _, _) in enumerate(block.pieces):
-                if s.compress:
-                    self.encodings[i] = encoder.start(s, _piece(data, block.pieces[i]))
+            for i, piece in enumerate(block.pieces):
+                if piece[0].compress:
+                    self.encodings[i] = encoder.start(piece[0], _piece(data, piece))
         except BaseException as e:  # noqa: BLE001 - raised by data(), in the write loop
             self.error = e
 
