@@ -133,7 +133,7 @@ def decode_chunk(payload: memoryview, chunk_meta: dict, out: memoryview, key: st
         pos += length
         parts.append(piece if mode == "raw" else _decompress(piece, size, key))
     if split == 1:
-        out[:] = parts[0]
+        fileio.copy_into(out, parts[0])
     else:
         _merge_groups(parts, out, split)
 

@@ -36,6 +36,8 @@ _MAX_THREADS = 64
 _BOUNCE = 16 << 20
 # The transparent huge page size on x86-64 and most arm64 kernels.
 HUGE_PAGE = 2 << 20
+# Below this a copy is over before releasing the GIL would pay for itself.
+_GIL_FREE_COPY = 64 << 10
 _OFF_MIN, _OFF_MAX = -(2**63), 2**63 - 1
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -197,6 +199,16 @@ def io_buffer(nbytes: int) -> memoryview:
     with contextlib.suppress(OSError):  # no huge pages here: ordinary pages do
         region.madvise(mmap.MADV_HUGEPAGE, skip, nbytes - nbytes % HUGE_PAGE)
     return memoryview(region)[skip : skip + nbytes]
+
+
+def copy_into(dst: memoryview, src: memoryview) -> None:
+    """``dst[:] = src`` for byte views of one length. A large copy runs with the GIL
+    released (numpy's does; a memoryview assignment holds it): copies on background
+    threads then leave the other threads free to issue I/O and hash meanwhile."""
+    if len(src) < _GIL_FREE_COPY:
+        dst[:] = src
+    else:
+        np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
 
 
 def aligned(buf) -> bool:

@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 from . import checksum as ck
@@ -54,6 +54,8 @@ class Compression:
 # the encoders get the disk's time. PACE_STEP is also the direct writer's request size.
 PACE_WINDOW = 32 << 20
 PACE_STEP = 8 << 20
+# Gathered direct writes a shard may have in flight while its writer fills the next.
+GATHER_DEPTH = 2
 
 
 class DaemonPool:
@@ -152,8 +154,14 @@ class _Sink:
     disk through O_DIRECT: the page-cache copy and its writeback cost a core about as
     much time as the disk takes, which on a small machine is time taken from training
     and from the encoders. Whole aligned blocks of staging memory are written as they
-    are; anything else (encoded payloads, a block's tail) is gathered into an aligned
-    buffer first. Direct writes wait for the disk, so they need no pacing."""
+    are; anything else (encoded payloads, a block's tail) is gathered into aligned
+    buffers first. A full gather buffer is written by a thread of the sink's own while
+    the writer fills the next, so that the writer's share of the work (gathering,
+    hashing the payloads) overlaps the disk's instead of adding to it. Direct writes
+    wait for the disk, so they need no pacing.
+
+    Every write happens at :attr:`pos`, one at a time: the sink's thread takes them
+    in order, and the writer only writes itself once that thread is idle."""
 
     def __init__(self, fd: int, path: str, shard: ShardPlan, direct: bool,
                  adaptive: bool) -> None:
@@ -163,33 +171,64 @@ class _Sink:
         self.direct_fd = fileio.open_direct(path, write=True) if direct and shard.direct else None
         self.pending: memoryview | None = None  # direct: bytes gathered, not yet written
         self.fill = 0
+        self.spare: list[memoryview] = []  # gather buffers whose writes are done
+        self.inflight: collections.deque[tuple[Future, memoryview]] = collections.deque()
+        self.flusher: DaemonPool | None = None
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
         if self.direct_fd is None and self.pending is None:
-            self._put(mv)
+            self._put_now(mv)
             return
         if not self.fill and len(mv) >= fileio.DIRECT_ALIGN and fileio.aligned(mv):
             body = len(mv) - len(mv) % fileio.DIRECT_ALIGN
-            self._put(mv[:body])
+            self._put_now(mv[:body])
             mv = mv[body:]
         while mv:
             if self.pending is None:
-                self.pending = fileio.io_buffer(PACE_STEP)
+                self.pending = self._buffer()
             n = min(len(mv), PACE_STEP - self.fill)
-            self.pending[self.fill : self.fill + n] = mv[:n]
+            fileio.copy_into(self.pending[self.fill : self.fill + n], mv[:n])
             self.fill, mv = self.fill + n, mv[n:]
             if self.fill == PACE_STEP:
                 self._flush()
 
     def finish(self) -> None:
-        """Write what is still gathered."""
+        """Write what is still gathered, once the writes in flight are done (a shard
+        that never filled a gather buffer needs no thread of its own)."""
+        self._drain()
         if self.fill:
-            self._flush()
+            self._put(self.pending[: self.fill])
+            self.pending, self.fill = None, 0
+
+    def _buffer(self) -> memoryview:
+        """A gather buffer: a spare one, a new one while fewer than GATHER_DEPTH are in
+        flight, or else the oldest in flight once its write is done."""
+        if self.spare:
+            return self.spare.pop()
+        if len(self.inflight) < GATHER_DEPTH:
+            return fileio.io_buffer(PACE_STEP)
+        fut, buf = self.inflight.popleft()
+        fut.result()
+        return buf
 
     def _flush(self) -> None:
-        self._put(self.pending[: self.fill])
-        self.fill = 0
+        if self.flusher is None:
+            self.flusher = DaemonPool(1, "fastckpt-flush")
+        buf = self.pending
+        self.inflight.append((self.flusher.submit(self._put, buf[: self.fill]), buf))
+        self.pending, self.fill = None, 0
+
+    def _drain(self) -> None:
+        """Wait for every gathered write in flight; raises the first one's error."""
+        while self.inflight:
+            fut, buf = self.inflight.popleft()
+            fut.result()
+            self.spare.append(buf)
+
+    def _put_now(self, buf: memoryview) -> None:
+        self._drain()
+        self._put(buf)
 
     def _put(self, buf: memoryview) -> None:
         """Write ``buf`` at :attr:`pos` through O_DIRECT (a final partial block goes
@@ -205,7 +244,7 @@ class _Sink:
                 # Accepted at open, refused on writing (a larger block size, say): go
                 # on through the page cache.
                 log.info("%s: O_DIRECT write refused (%s); writing it buffered", self.path, e)
-                self.close()
+                self._close_direct()
                 os.lseek(self.fd, self.pos, os.SEEK_SET)
         write_all(self.fd, buf)
         self.pos += len(buf)
@@ -226,6 +265,16 @@ class _Sink:
             fileio.wait_writeback(self.fd, self.paced)
 
     def close(self) -> None:
+        """Wait for the writes in flight (their errors were raised or are moot), stop
+        the sink's thread and close the O_DIRECT descriptor."""
+        wait([fut for fut, _ in self.inflight])
+        self.inflight.clear()
+        if self.flusher is not None:
+            self.flusher.shutdown()
+            self.flusher = None
+        self._close_direct()
+
+    def _close_direct(self) -> None:
         if self.direct_fd is not None:
             os.close(self.direct_fd)
             self.direct_fd = None

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import OrderedDict
 
 import pytest
@@ -18,7 +19,7 @@ from conftest import (
     shards,
     skip_without_direct_io,
 )
-from faults import ENOSPC, FaultyOS, always
+from faults import ENOSPC, FaultyOS, NthMatch, always
 from safetensors.torch import load_file
 
 import fastckpt
@@ -322,12 +323,77 @@ class FromSecond:
 @pytest.mark.parametrize("compression", [None, "zstd"])
 def test_direct_write_refused_goes_on_buffered(direct_dir, monkeypatch, caplog, compression):
     """A filesystem that opens O_DIRECT but refuses some writes (EINVAL): the first
-    goes through, the rest of the shard goes through the page cache."""
+    goes through, the rest of the shard goes through the page cache. Small gather
+    buffers: the refusal meets gathered writes in flight on the sink's thread."""
     faulty = FaultyOS(fileio, pwrite_direct=(errno.EINVAL, FromSecond()))
     monkeypatch.setattr(writer, "fileio", faulty)
+    monkeypatch.setattr(writer, "PACE_STEP", 64 << 10)
     saved = state(n=4, size=(1 << 20) + 3)  # the aligned body, then the tail
     with fastckpt.Checkpointer(compression=compression) as c, \
             caplog.at_level("INFO", logger="fastckpt"):
         c.save(saved, direct_dir / "ckpt").wait(timeout=60)
     assert faulty.calls["pwrite_direct"] == 1 and "O_DIRECT write refused" in caplog.text
     assert_same(fastckpt.load(direct_dir / "ckpt", verify=True), saved)
+
+
+def compressed_only(n=6, size=512 << 10):
+    """Float tensors that all get compressed: a data section made of payloads only,
+    every byte of which goes through the gather buffers."""
+    return {f"w{i}": torch.randn(size).to(torch.bfloat16) for i in range(n)}
+
+
+def test_gathered_writes_overlap_the_next_gather(direct_dir, monkeypatch):
+    """While the sink's thread writes a full gather buffer, the writer goes on filling
+    the next one, instead of waiting for the disk itself."""
+    monkeypatch.setattr(writer, "PACE_STEP", 64 << 10)
+    blocked, release = threading.Event(), threading.Event()
+    gathered = []  # bytes copied into gather buffers before the first write returned
+    real_write, real_copy = fileio.pwrite_direct, fileio.copy_into
+
+    def held_write(fd, offset, buf):
+        if not blocked.is_set():
+            blocked.set()
+            release.wait(30)
+        real_write(fd, offset, buf)
+
+    def copy(dst, src):
+        if not release.is_set():
+            gathered.append(len(src))
+        real_copy(dst, src)
+
+    monkeypatch.setattr(fileio, "pwrite_direct", held_write)
+    monkeypatch.setattr(fileio, "copy_into", copy)
+    saved = compressed_only()
+    with fastckpt.Checkpointer(compression="zstd", workers=1) as c:
+        handle = c.save(saved, direct_dir / "ckpt")
+        assert blocked.wait(30)
+        deadline = time.monotonic() + 5
+        while sum(gathered) <= writer.PACE_STEP and time.monotonic() < deadline:
+            time.sleep(0.005)
+        overlapped = sum(gathered) > writer.PACE_STEP
+        release.set()
+        handle.wait(timeout=60)
+    assert overlapped, gathered
+    assert_same(fastckpt.load(direct_dir / "ckpt", verify=True), saved)
+
+
+@pytest.mark.parametrize("nth", [1, 2, 7])
+def test_failed_gathered_write_fails_the_save(direct_dir, monkeypatch, nth):
+    """A write failing on the sink's thread fails the save, naming the shard, with the
+    OS error as the cause; the previous checkpoint stays and the engine goes on."""
+    path = direct_dir / "ckpt"
+    monkeypatch.setattr(writer, "PACE_STEP", 64 << 10)
+    before, after = compressed_only(), compressed_only(n=7)
+    with fastckpt.Checkpointer(compression="zstd") as c:
+        c.save(before, path).wait(timeout=60)
+        when = NthMatch(lambda p: p.endswith(".safetensors"), nth)
+        monkeypatch.setattr(writer, "fileio", FaultyOS(fileio, pwrite_direct=(errno.EIO, when)))
+        with pytest.raises(fastckpt.CheckpointWriteError) as info:
+            c.save(after, path).wait(timeout=60)
+        assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.EIO
+        assert os.path.basename(when.hit) in str(info.value)
+        assert sorted(os.listdir(direct_dir)) == ["ckpt"]
+        assert_same(fastckpt.load(path, verify=True), before)
+        monkeypatch.setattr(writer, "fileio", fileio)
+        c.save(after, path).wait(timeout=60)
+    assert_same(fastckpt.load(path, verify=True), after)

@@ -238,6 +238,16 @@ def test_io_buffer_is_aligned_zeroed_and_writable(nbytes):
     assert bytes(buf) == b"\xab" * nbytes
 
 
+@pytest.mark.parametrize("nbytes", [0, 100, (64 << 10) - 1, 64 << 10, (3 << 20) + 5])
+def test_copy_into_copies_every_byte(nbytes):
+    """Small copies assign, large ones go through numpy (GIL released): same bytes."""
+    src = memoryview(np.random.default_rng(nbytes).integers(0, 256, nbytes + 7, np.uint8))
+    dst = fileio.io_buffer(nbytes + 9)
+    fileio.copy_into(dst[2 : 2 + nbytes], src[7:])
+    assert bytes(dst[2 : 2 + nbytes]) == bytes(src[7:])
+    assert not any(dst[:2]) and not any(dst[2 + nbytes :])
+
+
 def test_large_io_buffer_asks_for_huge_pages():
     """Direct writes from scattered 4 KiB pages reach the device in small requests:
     an I/O buffer of a huge page or more starts on a huge-page boundary and is
