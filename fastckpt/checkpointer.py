@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import logging
 import os
 import queue
 import shutil
@@ -26,6 +27,7 @@ from .staging import Stager, StagingPool
 from .tree import flatten
 from .writer import Compression, DaemonPool, ShardResult, write_shard
 
+log = logging.getLogger("fastckpt")
 PathLike = Union[str, "os.PathLike[str]"]
 _UNSET: Any = object()
 
@@ -166,13 +168,17 @@ class Checkpointer:
                                     nice=10)
         # One committer thread: saves commit in the order they were made.
         self._committer = cf.ThreadPoolExecutor(1, thread_name_prefix="fastckpt-commit")
+        # A replaced checkpoint is removed after its replacement's handle completes:
+        # unlinking a GiB took 0.13-0.19 s of 0.5-0.6 s saves on the test machine.
+        self._remover = DaemonPool(1, "fastckpt-remove")
+        self._removals: list[cf.Future] = []
         self._slots = threading.BoundedSemaphore(max_inflight)
         self._lock = threading.Lock()  # one save() stages at a time
         self._handles: list[SaveHandle] = []
         self._closed = False
         self.process_group, self.collective_timeout = process_group, collective_timeout
         self.direct_io = direct_io
-        self._local = _Local()
+        self._local = _Local(self._remove_later)
         self._scopes: dict[Any, Any] = {}
 
     # -- saving -------------------------------------------------------------------
@@ -366,9 +372,16 @@ class Checkpointer:
 
     # -- lifecycle ----------------------------------------------------------------
 
+    def _remove_later(self, replaced: str) -> None:
+        """Queue the removal of a checkpoint that a committed save replaced."""
+        self._removals = [f for f in self._removals if not f.done()]
+        self._removals.append(self._remover.submit(_remove_replaced, replaced))
+
     def wait_all(self, timeout: float | None = None) -> None:
-        """Wait for every save in flight (failures are not raised here)."""
+        """Wait for every save in flight, and for the removal of the checkpoints they
+        replaced (failures are not raised here)."""
         cf.wait([h._future for h in self._handles], timeout=timeout)
+        cf.wait(self._removals, timeout=timeout)
 
     def close(self) -> None:
         """Wait for in-flight saves, stop the threads, free the staging buffers."""
@@ -376,6 +389,7 @@ class Checkpointer:
             return
         self._closed = True
         self._committer.shutdown(wait=True)
+        self._remover.shutdown()
         self._writers.shutdown(wait=True)
         self._hashers.shutdown()
         self._encoders.shutdown()
@@ -397,7 +411,11 @@ class _Local:
     fails), then on the committer thread either ``commit()`` once the writers are
     done, or ``abandon(error)`` for a save that failed before it got under way.
     ``fastckpt.dist.Coordinator`` is the scope of saves made by several ranks.
+    ``dispose`` takes the directory of a checkpoint that a commit replaced.
     """
+
+    def __init__(self, dispose: Callable[[str], Any]) -> None:
+        self.dispose = dispose
 
     def start(self) -> None:
         """Nothing to count: a local save needs no commit round."""
@@ -425,7 +443,8 @@ class _Local:
         """Write the manifest and move ``tmp`` into place; (bytes, shards, tensors)."""
         try:
             results = [f.result() for f in futures]
-            commit.commit(tmp, path, _manifest(plan, results, kind, meta_tree))
+            commit.commit(tmp, path, _manifest(plan, results, kind, meta_tree),
+                          self.dispose)
         except CheckpointError:
             self.discard(tmp)
             raise
@@ -433,6 +452,15 @@ class _Local:
             self.discard(tmp)
             raise CheckpointWriteError(f"committing {path} failed: {e}") from e
         return plan.nbytes, len(plan.shards), len(plan.stored)
+
+
+def _remove_replaced(path: str) -> None:
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        # The new checkpoint is committed; commit.recover() removes this leftover once
+        # this process is gone.
+        log.warning("could not remove the replaced checkpoint %s: %s", path, e)
 
 
 def _manifest(plan: Plan, results: list[ShardResult], kind: str | None, meta_tree: Any) -> dict:

@@ -15,6 +15,8 @@ import errno
 import os
 import shutil
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 
@@ -110,29 +112,39 @@ def check_replaceable(path: str) -> None:
     raise CheckpointError(f"{path} exists and is not a directory; not replacing it")
 
 
-def commit(tmp: str, path: str, doc: dict) -> None:
+def commit(tmp: str, path: str, doc: dict,
+           dispose: Callable[[str], Any] = shutil.rmtree) -> None:
     """Write the manifest document ``doc`` into ``tmp`` and make it ``path`` atomically
-    and durably."""
+    and durably (see :func:`publish` for ``dispose``)."""
     write_file_durably(os.path.join(tmp, MANIFEST_NAME), seal(doc))
     fsync_dir(tmp)
-    publish(tmp, path)
+    publish(tmp, path, dispose)
 
 
-def publish(tmp: str, path: str) -> None:
+def publish(tmp: str, path: str, dispose: Callable[[str], Any] = shutil.rmtree) -> None:
     """Move the complete, fsynced directory ``tmp`` to ``path`` atomically and durably,
-    replacing a checkpoint (or an empty directory) there."""
+    replacing a checkpoint (or an empty directory) there.
+
+    The replaced checkpoint is taken away from ``path`` first; once the new one is
+    durable, ``dispose`` gets the directory now holding it (a hidden sibling that
+    :func:`recover` cleans if this process dies first). Removing it is no part of
+    making the new checkpoint durable, so a caller may leave that for later."""
     parent = os.path.dirname(os.path.abspath(path))
     check_replaceable(path)
+    replaced = None
     if not os.path.lexists(path):
         os.rename(tmp, path)
     elif _exchange(tmp, path):
-        shutil.rmtree(tmp)  # now holds the previous checkpoint
+        replaced = tmp  # now holds the previous checkpoint
     else:
-        _replace_by_two_renames(tmp, path, parent)
+        replaced = _replace_by_two_renames(tmp, path)
     fsync_dir(parent)
+    if replaced is not None:
+        dispose(replaced)
 
 
-def _replace_by_two_renames(tmp: str, path: str, parent: str) -> None:
+def _replace_by_two_renames(tmp: str, path: str) -> str:
+    """Move ``path`` aside and ``tmp`` into its place; returns where the old one is."""
     old = sibling(path, OLD_TAG)
     os.rename(path, old)
     try:
@@ -142,8 +154,7 @@ def _replace_by_two_renames(tmp: str, path: str, parent: str) -> None:
         # leave it where load() looks. recover() covers a crash at this point.
         os.rename(old, path)
         raise
-    fsync_dir(parent)
-    shutil.rmtree(old)
+    return old
 
 
 def _exchange(a: str, b: str) -> bool:

@@ -95,6 +95,7 @@ def test_rank_killed_mid_save(tmp_path, victim):
     assert fastckpt.load(path, verify=True)["step"] == 1
     # A dead rank 0 leaves the shared directory; the next save to the path removes it.
     fastckpt.save({"step": 2}, path).wait(60)
+    fastckpt.default_checkpointer().wait_all(60)  # and removes the one it replaced
     assert not [e for e in os.listdir(tmp_path) if "fastckpt" in e]
 
 

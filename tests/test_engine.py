@@ -4,6 +4,7 @@ import ctypes
 import errno
 import mmap
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from faults import ENOSPC, FaultyOS, NthMatch, always
 from safetensors.torch import load_file
 
 import fastckpt
-from fastckpt import commit, fileio, writer
+from fastckpt import checkpointer, commit, fileio, writer
 from fastckpt.staging import StagingPool
 from fastckpt.tree import MAX_DEPTH
 
@@ -173,6 +174,7 @@ def test_atomic_replace_keeps_old_until_commit(ckpt, engine):
     engine.save({"v": torch.tensor(2), "extra": torch.ones(3)}, ckpt).wait(timeout=60)
     out = fastckpt.load(ckpt, verify=True)
     assert out["v"].item() == 2 and "extra" in out
+    engine.wait_all(timeout=60)  # the replaced checkpoint is removed after the commit
     assert sorted(os.listdir(os.path.dirname(ckpt))) == ["ckpt"]
 
 
@@ -181,6 +183,7 @@ def test_exchange_fallback_path(ckpt, engine, monkeypatch):
     engine.save({"v": torch.tensor(1)}, ckpt).wait(timeout=60)
     engine.save({"v": torch.tensor(2)}, ckpt).wait(timeout=60)
     assert fastckpt.load(ckpt)["v"].item() == 2
+    engine.wait_all(timeout=60)
     assert sorted(os.listdir(os.path.dirname(ckpt))) == ["ckpt"]
 
 
@@ -192,6 +195,7 @@ def test_crash_between_fallback_renames_is_recovered(ckpt, engine):
     assert fastckpt.load(ckpt)["v"].item() == 1  # readers find the old one
     engine.save({"v": torch.tensor(2)}, ckpt).wait(timeout=60)
     assert fastckpt.load(ckpt)["v"].item() == 2
+    engine.wait_all(timeout=60)
     assert sorted(os.listdir(os.path.dirname(ckpt))) == ["ckpt"]
 
 
@@ -397,3 +401,57 @@ def test_failed_gathered_write_fails_the_save(direct_dir, monkeypatch, nth):
         monkeypatch.setattr(writer, "fileio", fileio)
         c.save(after, path).wait(timeout=60)
     assert_same(fastckpt.load(path, verify=True), after)
+
+
+def test_wait_returns_before_the_replaced_checkpoint_is_removed(ckpt, engine, monkeypatch):
+    """The handle completes once the new checkpoint is durable; the one it replaced
+    is removed afterwards, and wait_all() waits for that too."""
+    release = threading.Event()
+    real = checkpointer._remove_replaced
+
+    def held(path):
+        release.wait(30)
+        real(path)
+
+    monkeypatch.setattr(checkpointer, "_remove_replaced", held)
+    engine.save({"v": torch.tensor(1)}, ckpt).wait(timeout=60)
+    engine.save({"v": torch.tensor(2)}, ckpt).wait(timeout=60)  # returns, removal held
+    assert fastckpt.load(ckpt, verify=True)["v"].item() == 2
+    parent = os.path.dirname(ckpt)
+    (held_dir,) = [e for e in os.listdir(parent) if e != "ckpt"]
+    assert held_dir.startswith(f".ckpt{commit.TMP_TAG}{os.getpid()}-")
+    assert fastckpt.load(os.path.join(parent, held_dir))["v"].item() == 1
+    release.set()
+    engine.wait_all(timeout=60)
+    assert os.listdir(parent) == ["ckpt"]
+
+
+def test_close_waits_for_removals(ckpt, monkeypatch):
+    real = checkpointer._remove_replaced
+    monkeypatch.setattr(checkpointer, "_remove_replaced",
+                        lambda path: (time.sleep(0.3), real(path)))
+    with fastckpt.Checkpointer() as c:
+        c.save({"v": torch.tensor(1)}, ckpt)
+        c.save({"v": torch.tensor(2)}, ckpt)
+    assert os.listdir(os.path.dirname(ckpt)) == ["ckpt"]
+    assert fastckpt.load(ckpt)["v"].item() == 2
+
+
+def test_failed_removal_is_logged_and_the_save_stands(ckpt, engine, monkeypatch, caplog):
+    real = shutil.rmtree
+
+    def refuse_replaced(path, *args, **kwargs):
+        if commit.TMP_TAG in os.path.basename(path) and not kwargs.get("ignore_errors"):
+            raise OSError(errno.EIO, "injected", path)
+        real(path, *args, **kwargs)
+
+    engine.save({"v": torch.tensor(1)}, ckpt).wait(timeout=60)
+    monkeypatch.setattr(checkpointer.shutil, "rmtree", refuse_replaced)
+    with caplog.at_level("WARNING", logger="fastckpt"):
+        engine.save({"v": torch.tensor(2)}, ckpt).wait(timeout=60)
+        engine.wait_all(timeout=60)
+    monkeypatch.undo()
+    assert "could not remove the replaced checkpoint" in caplog.text
+    assert fastckpt.load(ckpt, verify=True)["v"].item() == 2
+    engine.save({"v": torch.tensor(3)}, ckpt).wait(timeout=60)  # the engine goes on
+    assert fastckpt.load(ckpt)["v"].item() == 3

@@ -238,6 +238,7 @@ def test_full_filesystem(small_fs, profile, figures):
     with fastckpt.Checkpointer(workers=2, shard_size=WIDTH * 4, staging_budget=64 << 10) as c:
         for free in FREE_SPACE[profile]:
             c.save(small, path).wait(timeout=30)
+            c.wait_all(timeout=30)  # the space of the checkpoint it replaced is free
             filler = fill(small_fs, free)
             try:
                 c.save(big, path).wait(timeout=30)
@@ -249,6 +250,7 @@ def test_full_filesystem(small_fs, profile, figures):
                 figures[f"faults.real_enospc.{where}"] += 1
             else:
                 assert_same(fastckpt.load(path, verify=True), big)
+            c.wait_all(timeout=30)  # the replaced checkpoint goes after the commit
             assert sorted(os.listdir(small_fs)) == ["ckpt", "filler"]
             os.remove(filler)
     assert enospc > 0
