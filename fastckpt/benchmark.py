@@ -47,13 +47,6 @@ RAW_THREADS = (1, 4)  # threads per raw request; 4 is what fastckpt's readers us
 LAZY_TENSORS = 10_000  # tensors in the checkpoint opened lazily
 
 
-def _direct_allowed(path: str) -> bool:
-    fd = fileio.open_direct(path, write=True)
-    if fd is not None:
-        os.close(fd)
-    return fd is not None
-
-
 def model_like_state(nbytes: int = GiB, seed: int = 0) -> dict:
     """A mixed-precision training state of about ``nbytes``: bf16 weights of
     transformer-like shapes plus fp32 Adam moments (10 bytes per parameter)."""
@@ -274,7 +267,7 @@ class Bench:
         """Median write + fsync time per thread count: through the page cache, and
         through O_DIRECT (empty where the filesystem refuses it). fastckpt writes
         either way, so the disk's limit is the faster of the two."""
-        modes = [False, True] if _direct_allowed(path) else [False]
+        modes = [False, True] if fileio.direct_io_supported(os.path.dirname(path)) else [False]
         by = {d: {k: _median_time(lambda k=k, d=d: self._write_raw(path, k, d), self.reps)
                   for k in RAW_THREADS} for d in modes}
         return by[False], by.get(True, {})

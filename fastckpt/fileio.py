@@ -165,6 +165,20 @@ def open_direct(path: str, write: bool = False) -> int | None:
     return fd
 
 
+def direct_io_supported(directory: str) -> bool:
+    """Whether the filesystem holding ``directory`` takes O_DIRECT I/O, probed with a
+    scratch file that is removed again."""
+    probe = os.path.join(directory, f".fastckpt-direct-probe-{os.getpid()}-{threading.get_ident()}")
+    try:
+        fd = open_direct(probe, write=True)
+        if fd is not None:
+            os.close(fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(probe)
+    return fd is not None
+
+
 def pread_direct_into(fd: int, offset: int, buf) -> None:
     """Fill ``buf`` from an :func:`open_direct` descriptor at ``offset``.
 

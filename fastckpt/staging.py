@@ -21,7 +21,8 @@ from . import fileio
 from .plan import ShardPlan, Stored
 
 MIN_CAPACITY = 1 << 20
-ALIGN = 4096
+# Whole blocks go to the disk with O_DIRECT from where they lie.
+ALIGN = fileio.DIRECT_ALIGN
 
 
 def _capacity(nbytes: int, cap_max: int) -> int:

@@ -238,6 +238,15 @@ def test_io_buffer_is_aligned_zeroed_and_writable(nbytes):
     assert bytes(buf) == b"\xab" * nbytes
 
 
+def test_direct_io_probe_agrees_with_open_and_leaves_nothing(tmp_path):
+    fd = fileio.open_direct(str(tmp_path / "f"), write=True)
+    if fd is not None:
+        os.close(fd)
+    os.remove(tmp_path / "f")
+    assert fileio.direct_io_supported(str(tmp_path)) == (fd is not None)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("nbytes", [0, 100, (64 << 10) - 1, 64 << 10, (3 << 20) + 5])
 def test_copy_into_copies_every_byte(nbytes):
     """Small copies assign, large ones go through numpy (GIL released): same bytes."""
