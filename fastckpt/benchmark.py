@@ -268,7 +268,11 @@ class Bench:
         through O_DIRECT (empty where the filesystem refuses it). fastckpt writes
         either way, so the disk's limit is the faster of the two."""
         modes = [False, True] if fileio.direct_io_supported(os.path.dirname(path)) else [False]
-        by = {d: {k: _median_time(lambda k=k, d=d: self._write_raw(path, k, d), self.reps)
+        # Each write goes to a new file: truncating the last one would free (and, on a
+        # filesystem mounted with discard, trim) its blocks inside the timed write,
+        # work that no save measured here is timed with.
+        by = {d: {k: _median_time(lambda k=k, d=d: self._write_raw(path, k, d), self.reps,
+                                  lambda: _remove(path))
                   for k in RAW_THREADS} for d in modes}
         return by[False], by.get(True, {})
 
@@ -344,15 +348,15 @@ class Bench:
                 for name, rs in results.items()}
 
     def _blocking_save(self, save: Callable[[str], Any], name: str) -> float:
-        """Median seconds of ``save(path)`` + fsync; the file stays for the loads."""
+        """Median seconds of ``save(path)`` + fsync; the file stays for the loads. The
+        previous save's output is removed untimed, as before fastckpt's saves."""
         path = self.path(name)
 
         def run() -> None:
-            _remove(path)
             save(path)
             _fsync_tree(path)
 
-        return _median_time(run, max(1, self.reps - 1))
+        return _median_time(run, max(1, self.reps - 1), lambda: _remove(path))
 
     def torch_save(self) -> float:
         return self._blocking_save(lambda p: torch.save(self.state, p), "torch.pt")
