@@ -266,7 +266,7 @@ class Checkpointer:
             return self._local
         key = None if group is False else group
         if key not in self._scopes:
-            self._scopes[key] = dist.Coordinator(key, self.collective_timeout)
+            self._scopes[key] = dist.Coordinator(key, self.collective_timeout, self._remove_later)
         return self._scopes[key]
 
     def _compression(self, name: Any, level: int | None) -> Compression | None:

@@ -360,8 +360,9 @@ class Coordinator:
     docstring). Created by :class:`fastckpt.Checkpointer` on first use of a group,
     which is collective: every rank of the group must take part."""
 
-    def __init__(self, group: Any, timeout: float) -> None:
+    def __init__(self, group: Any, timeout: float, dispose: Callable[[str], Any]) -> None:
         self.comm = channel(group, timeout)
+        self.dispose = dispose  # rank 0: takes a checkpoint that a commit replaced
         self.rank, self.world = self.comm.rank, self.comm.world
         # Rank 0's pid names the shared directory, so rank 0 (which cleans up after
         # crashed saves) knows it as its own and leaves it alone.
@@ -419,7 +420,7 @@ class Coordinator:
         report, error = _report(plan, futures, tmp, self.rounds, kind)
 
         def decide(reports: list) -> tuple:
-            return _decide(reports, plan, tmp, path, kind, meta_tree)
+            return _decide(reports, plan, tmp, path, kind, meta_tree, self.dispose)
 
         return self._round(report, decide, error)
 
@@ -491,7 +492,7 @@ def _refuse(reports: list, why: str) -> tuple:
 
 
 def _decide(reports: list, plan: RankPlan, tmp: str, path: str, kind: str | None,
-            meta_tree: Any) -> tuple:
+            meta_tree: Any, dispose: Callable[[str], Any]) -> tuple:
     """Rank 0: merge the reports into one manifest and commit, or say why not."""
     try:
         if any(rep["error"] for rep in reports):
@@ -500,7 +501,7 @@ def _decide(reports: list, plan: RankPlan, tmp: str, path: str, kind: str | None
         mf.parse(doc)  # the merged manifest must be one a reader accepts
         for a, b in renames:
             os.rename(os.path.join(tmp, a), os.path.join(tmp, b))
-        commit.commit(tmp, path, doc)
+        commit.commit(tmp, path, doc, dispose)
     except Exception as e:  # noqa: BLE001 - every rank gets it
         return _refuse(reports, f"committing {path} failed: {e}")
     totals = (sum(rep["nbytes"] for rep in reports), len(doc["shards"]), len(doc["tensors"]))

@@ -87,6 +87,8 @@ def scenario_save2(rank, world, d):
         r = c.save(state(rank, world, step=4), path, per_rank=mine).wait(60)
         assert r.num_tensors == 5 + 2 * world  # model, tied, a piece and rng per rank
     assert fastckpt.load(path)["step"] == 4
+    if rank == 0:  # closing the engine waited for it to remove the step-1 checkpoint
+        assert not [e for e in os.listdir(d) if "fastckpt" in e]
 
     # A rank that never comes to a save makes the others fail after the timeout.
     with fastckpt.Checkpointer(collective_timeout=3) as c:
