@@ -4,13 +4,16 @@ write, fsync and commit to background threads, returning a ``SaveHandle``."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures as cf
+import contextlib
 import logging
 import os
 import queue
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
@@ -179,6 +182,7 @@ class Checkpointer:
         self.process_group, self.collective_timeout = process_group, collective_timeout
         self.direct_io = direct_io
         self._local = _Local(self._remove_later)
+        _engines.add(self)
         self._scopes: dict[Any, Any] = {}
 
     # -- saving -------------------------------------------------------------------
@@ -380,11 +384,14 @@ class Checkpointer:
     def wait_all(self, timeout: float | None = None) -> None:
         """Wait for every save in flight, and for the removal of the checkpoints they
         replaced (failures are not raised here)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         cf.wait([h._future for h in self._handles], timeout=timeout)
-        cf.wait(self._removals, timeout=timeout)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        cf.wait(self._removals, timeout=left)
 
     def close(self) -> None:
-        """Wait for in-flight saves, stop the threads, free the staging buffers."""
+        """Wait for in-flight saves and the removal of the checkpoints they replaced,
+        stop the threads, free the staging buffers."""
         if self._closed:
             return
         self._closed = True
@@ -456,11 +463,25 @@ class _Local:
 
 def _remove_replaced(path: str) -> None:
     try:
+        # The manifest first: whatever is left is then no checkpoint to anyone.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, mf.MANIFEST_NAME))
         shutil.rmtree(path)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - nobody waits for this result: log it
         # The new checkpoint is committed; commit.recover() removes this leftover once
         # this process is gone.
         log.warning("could not remove the replaced checkpoint %s: %s", path, e)
+
+
+# Engines not closed by their owner: a replaced checkpoint still being removed when
+# the program exits would otherwise stay behind as a hidden copy.
+_engines: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_removals() -> None:
+    for engine in list(_engines):
+        cf.wait(engine._removals)
 
 
 def _manifest(plan: Plan, results: list[ShardResult], kind: str | None, meta_tree: Any) -> dict:

@@ -137,7 +137,12 @@ def publish(tmp: str, path: str, dispose: Callable[[str], Any] = shutil.rmtree) 
     elif _exchange(tmp, path):
         replaced = tmp  # now holds the previous checkpoint
     else:
-        replaced = _replace_by_two_renames(tmp, path)
+        old = _replace_by_two_renames(tmp, path)
+        fsync_dir(parent)
+        # Out of reach of recover() and readers, which would take an -old- sibling
+        # for a checkpoint to restore even while it is being deleted.
+        replaced = sibling(path, TMP_TAG)
+        os.rename(old, replaced)
     fsync_dir(parent)
     if replaced is not None:
         dispose(replaced)

@@ -54,8 +54,8 @@ class Compression:
 # the encoders get the disk's time. PACE_STEP is also the direct writer's request size.
 PACE_WINDOW = 32 << 20
 PACE_STEP = 8 << 20
-# Gathered direct writes a shard may have in flight while its writer fills the next.
-GATHER_DEPTH = 2
+# Gather buffers per shard: the writer fills one while the sink's thread writes another.
+GATHER_BUFFERS = 2
 
 
 class DaemonPool:
@@ -171,9 +171,11 @@ class _Sink:
         self.direct_fd = fileio.open_direct(path, write=True) if direct and shard.direct else None
         self.pending: memoryview | None = None  # direct: bytes gathered, not yet written
         self.fill = 0
+        self.buffers = 0  # gather buffers allocated
         self.spare: list[memoryview] = []  # gather buffers whose writes are done
         self.inflight: collections.deque[tuple[Future, memoryview]] = collections.deque()
         self.flusher: DaemonPool | None = None
+        self.threadless = False  # no thread could be started: write on the writer's
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
@@ -202,22 +204,36 @@ class _Sink:
             self.pending, self.fill = None, 0
 
     def _buffer(self) -> memoryview:
-        """A gather buffer: a spare one, a new one while fewer than GATHER_DEPTH are in
-        flight, or else the oldest in flight once its write is done."""
+        """A gather buffer: a spare one, a new one while fewer than GATHER_BUFFERS
+        exist, or else the oldest in flight once its write is done."""
         if self.spare:
             return self.spare.pop()
-        if len(self.inflight) < GATHER_DEPTH:
+        if self.buffers < GATHER_BUFFERS:
+            self.buffers += 1
             return fileio.io_buffer(PACE_STEP)
         fut, buf = self.inflight.popleft()
         fut.result()
         return buf
 
     def _flush(self) -> None:
-        if self.flusher is None:
-            self.flusher = DaemonPool(1, "fastckpt-flush")
-        buf = self.pending
-        self.inflight.append((self.flusher.submit(self._put, buf[: self.fill]), buf))
+        buf, data = self.pending, self.pending[: self.fill]
         self.pending, self.fill = None, 0
+        flusher = self._flusher()
+        if flusher is None:
+            self._put_now(data)
+            self.spare.append(buf)
+        else:
+            self.inflight.append((flusher.submit(self._put, data), buf))
+
+    def _flusher(self) -> DaemonPool | None:
+        """The sink's thread, started on first use; None where no thread can start (a
+        save finishing while the interpreter shuts down, on some Python versions)."""
+        if self.flusher is None and not self.threadless:
+            try:
+                self.flusher = DaemonPool(1, "fastckpt-flush")
+            except RuntimeError:
+                self.threadless = True
+        return self.flusher
 
     def _drain(self) -> None:
         """Wait for every gathered write in flight; raises the first one's error."""

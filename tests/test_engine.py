@@ -455,3 +455,59 @@ def test_failed_removal_is_logged_and_the_save_stands(ckpt, engine, monkeypatch,
     assert fastckpt.load(ckpt, verify=True)["v"].item() == 2
     engine.save({"v": torch.tensor(3)}, ckpt).wait(timeout=60)  # the engine goes on
     assert fastckpt.load(ckpt)["v"].item() == 3
+
+
+def test_replaced_checkpoint_is_never_restored_while_being_removed(ckpt, engine, monkeypatch):
+    """Where renameat2 is missing, the replaced checkpoint leaves its -old- name before
+    its removal starts: a later crash between two renames must bring back the last
+    complete checkpoint, not one half deleted."""
+    monkeypatch.setattr(commit, "_exchange", lambda a, b: False)
+    release = threading.Event()
+    real = checkpointer._remove_replaced
+    monkeypatch.setattr(checkpointer, "_remove_replaced", lambda p: (release.wait(30), real(p)))
+    engine.save({"v": torch.ones(1000)}, ckpt).wait(timeout=60)
+    engine.save({"v": torch.full((1000,), 2.0)}, ckpt).wait(timeout=60)
+    parent = os.path.dirname(ckpt)
+    (held,) = [os.path.join(parent, e) for e in os.listdir(parent) if e != "ckpt"]
+    assert os.path.basename(held).startswith(f".ckpt{commit.TMP_TAG}")
+    os.remove(shards(held)[0])  # its removal has begun
+    dead = _dead_pid()
+    os.rename(ckpt, os.path.join(parent, f".ckpt{commit.OLD_TAG}{dead}-abc"))  # killed mid-replace
+    assert torch.equal(fastckpt.load(ckpt, verify=True)["v"], torch.full((1000,), 2.0))
+    release.set()
+    engine.save({"v": torch.full((1000,), 3.0)}, ckpt).wait(timeout=60)
+    engine.wait_all(timeout=60)
+    assert os.listdir(parent) == ["ckpt"]
+    assert torch.equal(fastckpt.load(ckpt, verify=True)["v"], torch.full((1000,), 3.0))
+
+
+def test_gathered_writes_without_a_thread_of_their_own(direct_dir, monkeypatch):
+    """Where no thread can start (a save finishing at interpreter shutdown, on some
+    Python versions), the writer writes its gather buffers itself."""
+    def no_threads(n, name, nice=0):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(writer, "PACE_STEP", 64 << 10)
+    monkeypatch.setattr(writer, "DaemonPool", no_threads)
+    saved = compressed_only()
+    with fastckpt.Checkpointer(compression="zstd") as c:
+        c.save(saved, direct_dir / "ckpt").wait(timeout=60)
+    assert_same(fastckpt.load(direct_dir / "ckpt", verify=True), saved)
+
+
+EXIT_WITH_A_REMOVAL_PENDING = """
+import sys, time, torch, fastckpt
+from fastckpt import checkpointer
+real = checkpointer._remove_replaced
+checkpointer._remove_replaced = lambda p: (time.sleep(0.5), real(p))
+engine = fastckpt.Checkpointer()  # never closed
+engine.save({"v": torch.ones(1000)}, sys.argv[1]).wait()
+engine.save({"v": torch.zeros(1000)}, sys.argv[1]).wait()
+"""
+
+
+def test_exit_waits_for_removals_of_an_unclosed_engine(ckpt):
+    subprocess.run([sys.executable, "-c", EXIT_WITH_A_REMOVAL_PENDING, ckpt], check=True,
+                   timeout=120)
+    assert os.listdir(os.path.dirname(ckpt)) == ["ckpt"]
+    assert torch.equal(fastckpt.load(ckpt)["v"], torch.zeros(1000))

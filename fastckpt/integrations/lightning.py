@@ -87,10 +87,12 @@ class FastCheckpointIO(CheckpointIO):
             shutil.rmtree(path)
 
     def teardown(self) -> None:
-        """Wait for every save in flight; raise the first failure."""
+        """Wait for every save in flight, and for the removal of the checkpoints they
+        replaced; raise the first failure."""
         handles, self._handles = list(self._handles.values()), {}
         for h in handles:
             h.wait()
+        self._engine.wait_all()
 
     def _wait(self, path: str) -> None:
         handle = self._handles.pop(path, None)
