@@ -59,6 +59,7 @@ from torch.futures import Future
 from . import codec, commit
 from . import manifest as mf
 from .checkpointer import Checkpointer
+from .dist import _dtensor_type
 from .errors import CheckpointError, UnsupportedTypeError
 from .plan import Plan, Stored, assign_shards, manifest_tensor, mark_compressed, shard_file_name
 from .reader import CheckpointReader
@@ -107,6 +108,7 @@ class Writer(StorageWriter, BlockingAsyncStager):
 
         if self.state_dict_cache is not None:
             try:
+                _check_layout(state_dict, self.state_dict_cache)
                 return _copy_state_dict(state_dict, self.state_dict_cache)
             except (KeyError, RuntimeError, ValueError):
                 pass  # the layout changed: stage into fresh buffers
@@ -196,6 +198,33 @@ class Writer(StorageWriter, BlockingAsyncStager):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _check_layout(src: Any, cache: Any) -> None:
+    """Raise ``ValueError`` unless ``src`` has ``cache``'s layout: the same keys and
+    lengths, and tensors of the same dtype and shape (DTensors: local shape too).
+    DCP's ``_copy_state_dict`` checks keys and lengths only, and its ``copy_`` would
+    cast a tensor whose dtype changed into the old buffer, and broadcast one that
+    shrank to the old shape, saving either without a word."""
+    if isinstance(src, dict):
+        if not isinstance(cache, dict) or cache.keys() != src.keys():
+            raise ValueError("the state's keys changed")
+        for k, v in src.items():
+            _check_layout(v, cache[k])
+    elif isinstance(src, (list, tuple)):
+        if not isinstance(cache, (list, tuple)) or len(cache) != len(src):
+            raise ValueError("the state's lists changed")
+        for v, c in zip(src, cache, strict=True):
+            _check_layout(v, c)
+    elif isinstance(src, torch.Tensor) and (
+            not isinstance(cache, torch.Tensor) or _tensor_layout(src) != _tensor_layout(cache)):
+        raise ValueError("a tensor's dtype or shape changed")
+
+
+def _tensor_layout(t: torch.Tensor) -> tuple:
+    dtensor = _dtensor_type()
+    distributed = dtensor is not None and isinstance(t, dtensor)
+    return distributed, t.dtype, t.shape, (t.to_local() if distributed else t).shape
 
 
 def _resolve(planner: SavePlanner, item: Any) -> torch.Tensor:

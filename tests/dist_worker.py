@@ -173,11 +173,14 @@ def scenario_dtensor(rank, world, d):
     with Writer(path, shard_size=64) as w:
         dcp.save({**state, "step": 3}, storage_writer=w)
         dcp.async_save({**state, "step": 4}, storage_writer=w).result()
+        # The same layout again: staged into the buffers the last async_save kept.
+        doubled = {k: v * 2 for k, v in state.items()}
+        dcp.async_save({**doubled, "step": 5}, storage_writer=w).result()
     target = {"w": distribute_tensor(torch.zeros(8, 5), mesh, [Shard(1)]),
               "r": distribute_tensor(torch.zeros(5), mesh, [Replicate()]), "step": 0}
     dcp.load(target, storage_reader=Reader(path, verify=True))
-    assert torch.equal(target["w"].full_tensor(), full) and target["step"] == 4
-    assert torch.equal(target["r"].to_local(), full[0])
+    assert torch.equal(target["w"].full_tensor(), full * 2) and target["step"] == 5
+    assert torch.equal(target["r"].to_local(), full[0] * 2)
 
 
 # -- CheckpointManager on every rank ----------------------------------------------------

@@ -73,6 +73,21 @@ def test_async_save_snapshots(ckpt):
         assert torch.equal(dst["model"][k], v)
 
 
+@pytest.mark.parametrize("second", [
+    {"t": torch.tensor([7.0]), "s": torch.ones(3)},  # t shrank: copy_ would broadcast it
+    {"t": torch.arange(4.0), "s": torch.ones(3, dtype=torch.float64) / 3},  # s's dtype
+    {"t": torch.arange(4.0), "s": torch.ones(2, 3)},  # s grew a dimension
+])
+def test_async_save_restages_a_changed_layout(tmp_path, second):
+    first = {"t": torch.arange(4.0), "s": torch.ones(3)}
+    with Writer(tmp_path / "a") as w:
+        for name, sd in (("a", first), ("b", second)):
+            dcp.async_save(sd, checkpoint_id=str(tmp_path / name), storage_writer=w).result()
+    loaded = fastckpt.load(tmp_path / "b")
+    for k, v in second.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+
+
 class Opaque:
     """A value only full unpickling can restore."""
 
