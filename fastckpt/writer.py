@@ -171,7 +171,6 @@ class _Sink:
         self.direct_fd = fileio.open_direct(path, write=True) if direct and shard.direct else None
         self.pending: memoryview | None = None  # direct: bytes gathered, not yet written
         self.fill = 0
-        self.buffers = 0  # gather buffers allocated
         self.spare: list[memoryview] = []  # gather buffers whose writes are done
         self.inflight: collections.deque[tuple[Future, memoryview]] = collections.deque()
         self.flusher: DaemonPool | None = None
@@ -208,8 +207,7 @@ class _Sink:
         exist, or else the oldest in flight once its write is done."""
         if self.spare:
             return self.spare.pop()
-        if self.buffers < GATHER_BUFFERS:
-            self.buffers += 1
+        if len(self.inflight) < GATHER_BUFFERS:  # then every buffer is in flight
             return fileio.io_buffer(PACE_STEP)
         fut, buf = self.inflight.popleft()
         fut.result()

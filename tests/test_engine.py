@@ -381,6 +381,20 @@ def test_gathered_writes_overlap_the_next_gather(direct_dir, monkeypatch):
     assert_same(fastckpt.load(direct_dir / "ckpt", verify=True), saved)
 
 
+def test_a_shard_gathers_into_at_most_gather_buffers(direct_dir, monkeypatch):
+    """Gather buffers are recycled once written: a shard of many buffers' worth of
+    payloads never holds more than GATHER_BUFFERS of them."""
+    monkeypatch.setattr(writer, "PACE_STEP", 64 << 10)
+    sizes, real = [], fileio.io_buffer
+    monkeypatch.setattr(fileio, "io_buffer", lambda n: sizes.append(n) or real(n))
+    saved = compressed_only()
+    with fastckpt.Checkpointer(compression="zstd", workers=1) as c:
+        result = c.save(saved, direct_dir / "ckpt").wait(timeout=60)
+    assert result.nbytes > 8 * writer.PACE_STEP  # so every buffer was reused
+    assert sizes.count(writer.PACE_STEP) == writer.GATHER_BUFFERS
+    assert_same(fastckpt.load(direct_dir / "ckpt", verify=True), saved)
+
+
 @pytest.mark.parametrize("nth", [1, 2, 7])
 def test_failed_gathered_write_fails_the_save(direct_dir, monkeypatch, nth):
     """A write failing on the sink's thread fails the save, naming the shard, with the
