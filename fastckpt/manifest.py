@@ -152,12 +152,15 @@ class Manifest:
             self.tensor(name)
 
     def shard_members(self, index: int) -> list[TensorEntry]:
-        """The tensors of shard ``index`` in file order."""
+        """The tensors of shard ``index`` in file order: by start, then by end, so
+        that an empty tensor comes before the tensor that starts where it lies (as
+        writers place them; empty tensors at one offset have equal checksums, so
+        their order among themselves does not matter)."""
         if self._members is None:
             members: list[list[TensorEntry]] = [[] for _ in self.shards]
             for t in self.tensors.values():
                 members[t.shard].append(t)
-            self._members = [sorted(ts, key=lambda t: t.start) for ts in members]
+            self._members = [sorted(ts, key=lambda t: (t.start, t.stop)) for ts in members]
         return self._members[index]
 
     @property

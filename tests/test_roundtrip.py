@@ -59,6 +59,19 @@ def test_every_dtype(ckpt, dtype):
         assert_same(obj, roundtrip(obj, ckpt, mmap=mmap))
 
 
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_empty_tensors_beside_others_verify(ckpt, compression):
+    """An empty tensor lies at the offset where the next one starts: the shard
+    checksum must come out the same for the writer and for every reader."""
+    obj = {"x": torch.ones(3, dtype=torch.int16), "e": torch.empty(0),
+           "w": torch.randn(1 << 16), "e8": torch.empty(0, 2, dtype=torch.float64),
+           "b": torch.ones(5, dtype=torch.bool), "eb": torch.empty(0, dtype=torch.uint8)}
+    fastckpt.save(obj, ckpt, compression=compression).wait(timeout=60)
+    report = fastckpt.verify(ckpt)
+    assert report.ok, report.problems
+    assert_same(obj, fastckpt.load(ckpt, verify=True))
+
+
 def test_special_float_values_are_bit_exact(ckpt):
     x = torch.tensor([math.nan, -math.nan, math.inf, -0.0, 1e-45], dtype=torch.float32)
     assert torch.equal(bits(roundtrip({"x": x}, ckpt)["x"]), bits(x))
