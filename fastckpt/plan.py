@@ -73,7 +73,8 @@ class ShardPlan:
 
     @property
     def data_bytes(self) -> int:
-        return sum(s.nbytes for s in self.stored)
+        """Bytes of the data section as staged (compressed tensors included, raw)."""
+        return max((s.stop for s in self.stored), default=0)
 
     @property
     def size(self) -> int:
@@ -234,6 +235,11 @@ def _layout_shard(shard: ShardPlan, members: list[Stored]) -> None:
     members = sorted(members, key=lambda s: (s.compress, -s.source.element_size()))
     offset = 0
     for s in members:
+        if s.compress:
+            # Staged offsets only (the payloads follow each other on disk): a
+            # compressed tensor after odd-sized raw ones starts on an element boundary,
+            # so that staging blocks cut it into whole elements, as the codec needs.
+            offset += -offset % s.source.element_size()
         s.shard, s.start = shard.index, offset
         offset += s.nbytes
     shard.stored = members

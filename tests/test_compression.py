@@ -49,6 +49,23 @@ def test_auto_compression_round_trips(ckpt):
     assert fastckpt.verify(ckpt).ok
 
 
+@pytest.mark.parametrize("compression", ["zstd", "auto"])
+def test_compressed_tensors_after_odd_sized_raw_ones(ckpt, compression):
+    """Raw tensors of odd byte sizes lie before the compressed ones: each compressed
+    tensor, contiguous or not, must still be staged and cut into blocks of whole
+    elements (small staging blocks make the cuts fall inside tensors)."""
+    g = torch.Generator().manual_seed(1)
+    obj = {"flag": torch.ones(3, dtype=torch.bool), "n": torch.ones(5, dtype=torch.int16),
+           "w": torch.randn(1 << 20, generator=g),
+           "t": torch.randn(300, 200, generator=g).t(),
+           "h": torch.randn(700_001, generator=g).to(torch.bfloat16)}
+    with fastckpt.Checkpointer(compression=compression, staging_budget=2 << 20) as c:
+        c.save(obj, ckpt).wait(timeout=120)
+    assert fastckpt.manifest.read(ckpt).tensor("w").codec is not None
+    for mmap in (True, False):
+        assert_same(obj, fastckpt.load(ckpt, mmap=mmap, verify=True))
+
+
 def test_round_trip_every_read_path(saved):
     path, obj, _ = saved
     for mmap in (True, False):
