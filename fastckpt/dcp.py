@@ -61,9 +61,17 @@ from . import manifest as mf
 from .checkpointer import Checkpointer
 from .dist import _dtensor_type
 from .errors import CheckpointError, UnsupportedTypeError
-from .plan import Plan, Stored, assign_shards, manifest_tensor, mark_compressed, shard_file_name
+from .plan import (
+    Plan,
+    Stored,
+    assign_shards,
+    check_tensor,
+    manifest_tensor,
+    mark_compressed,
+    shard_file_name,
+)
 from .reader import CheckpointReader
-from .tree import Flat, dtype_from_name, dtype_name, flatten, unflatten
+from .tree import Flat, dtype_from_name, dtype_name, flatten, resolve_lazy, unflatten
 
 __all__ = ["Reader", "Writer", "decode_metadata", "encode_metadata"]
 
@@ -231,7 +239,8 @@ def _resolve(planner: SavePlanner, item: Any) -> torch.Tensor:
     data = planner.resolve_data(item)
     if item.type == WriteItemType.BYTE_IO:
         return torch.frombuffer(bytearray(data.getbuffer()), dtype=torch.uint8)
-    return data.detach()
+    check_tensor(data, item.index.fqn)
+    return resolve_lazy(data.detach())
 
 
 def _stored_name(index: MetadataIndex, kind: Any = WriteItemType.TENSOR) -> str:

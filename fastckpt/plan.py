@@ -113,7 +113,8 @@ def mark_compressed(stored: list[Stored], compress_min: int | None) -> None:
             s.compress = s.nbytes >= compress_min
 
 
-def _check(t: torch.Tensor, path: str) -> None:
+def check_tensor(t: torch.Tensor, path: str) -> None:
+    """Raise :class:`UnsupportedTypeError` naming ``path`` unless ``t`` can be stored."""
     if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
         raise UnsupportedTypeError(f"tensor at {path!r} ({t.layout}, {t.device}) cannot be stored")
     if t.dtype not in ST_DTYPES:
@@ -132,7 +133,7 @@ def dedupe(flat: Flat) -> tuple[list[Stored], list[dict]]:
     first key path using it) and, per tensor of ``flat``, its manifest reference."""
     groups: dict[Any, list[int]] = {}
     for i, (t, p) in enumerate(zip(flat.tensors, flat.paths, strict=True)):
-        _check(t, p)
+        check_tensor(t, p)
         groups.setdefault(_storage_key(t) or ("unique", i), []).append(i)
     names = _Names()
     stored: list[Stored] = []
@@ -176,8 +177,11 @@ def _store_group(flat: Flat, idx: list[int], names: _Names, stored: list, refs: 
         return
     lo = min(t.storage_offset() for t in ts)
     hi = max(t.storage_offset() + _extent(t) for t in ts)
+    # Storages of one address may differ in size (numpy arrays of one buffer each get
+    # their own, sized to the view); the largest holds every tensor of the group.
+    storage = max((t.untyped_storage() for t in ts), key=lambda st: st.nbytes())
     base = torch.empty(0, dtype=ts[0].dtype, device=ts[0].device)
-    base.set_(ts[0].untyped_storage(), lo, (hi - lo,), (1,))
+    base.set_(storage, lo, (hi - lo,), (1,))
     s = Stored(names(flat.paths[idx[0]]), base)
     stored.append(s)
     for i, t in zip(idx, ts, strict=True):

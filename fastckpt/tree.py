@@ -96,7 +96,7 @@ class _Flattener:
         if isinstance(v, float):
             return v if math.isfinite(v) else {"$float": repr(v)}
         if isinstance(v, torch.Tensor):
-            return self.tensor(v.detach(), path, "$tensor")
+            return self.tensor(resolve_lazy(v.detach()), path, "$tensor")
         if isinstance(v, np.ndarray):
             return self.tensor(_ndarray_to_tensor(v, path), path, "$ndarray")
         if isinstance(v, torch.Size):
@@ -131,11 +131,20 @@ class _Flattener:
             self.depth -= 1
 
 
+def resolve_lazy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a lazy conjugate or negation applied: such a view shares its
+    storage with a tensor whose bytes differ from its own values."""
+    if t.is_conj() or t.is_neg():
+        return t.resolve_conj().resolve_neg()
+    return t
+
+
 def _ndarray_to_tensor(a: np.ndarray, path: str) -> torch.Tensor:
     if a.dtype.hasobject or a.dtype.byteorder == ">":
         raise UnsupportedTypeError(f"numpy array of dtype {a.dtype} at {path!r}")
     try:
-        return torch.from_numpy(np.ascontiguousarray(a))
+        # ascontiguousarray would turn a 0-d array into a 1-d one.
+        return torch.from_numpy(a if a.flags.c_contiguous else np.ascontiguousarray(a))
     except TypeError as e:
         raise UnsupportedTypeError(f"numpy array of dtype {a.dtype} at {path!r}") from e
 

@@ -88,6 +88,22 @@ def test_async_save_restages_a_changed_layout(tmp_path, second):
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
 
 
+def test_unsupported_dtype_is_refused_by_key(ckpt):
+    with Writer(ckpt) as w, pytest.raises(CheckpointException) as info:
+        dcp.save({"ok": torch.ones(2), "z": torch.ones(3, dtype=torch.complex128)},
+                 storage_writer=w)
+    assert "UnsupportedTypeError" in str(info.value) and "'z'" in str(info.value)
+    assert not os.path.exists(ckpt)
+
+
+def test_conjugate_view_is_saved_with_its_values(ckpt):
+    a = torch.randn(3, dtype=torch.complex64)
+    with Writer(ckpt) as w:
+        dcp.save({"a": a, "c": a.conj()}, storage_writer=w)
+    out = fastckpt.load(ckpt, verify=True)
+    assert torch.equal(out["a"], a) and torch.equal(out["c"], a.conj().resolve_conj())
+
+
 class Opaque:
     """A value only full unpickling can restore."""
 

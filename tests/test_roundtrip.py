@@ -105,6 +105,28 @@ def test_tied_and_viewed_tensors_share_storage(ckpt):
     assert len(m.tensors) == 1 and m.nbytes == w.numel() * 4  # written once
 
 
+def test_conjugate_and_negative_views_keep_their_values(ckpt):
+    """A lazy conjugate or negation shares its storage with a tensor of other values:
+    each must come back with its own values, also when saved beside its base."""
+    a = torch.randn(3, dtype=torch.complex64)
+    obj = {"a": a, "c": a.conj(), "neg": a.conj().imag, "im": a.imag,
+           "lone": torch.randn(4, dtype=torch.complex64).conj()}
+    out = roundtrip(obj, ckpt)
+    for k, v in obj.items():
+        assert torch.equal(out[k], v.resolve_conj().resolve_neg()), k
+        assert not (out[k].is_conj() or out[k].is_neg()), k
+
+
+def test_numpy_arrays_keep_shape_and_shared_buffers(ckpt):
+    arr = np.arange(10, dtype=np.float32)
+    obj = {"head": arr[:2], "all": arr, "zero_d": np.array(5.0), "flag": np.array(True),
+           "t": np.arange(6, dtype=np.int32).reshape(2, 3).T}
+    out = roundtrip(obj, ckpt)
+    for k, v in obj.items():
+        assert out[k].shape == v.shape and out[k].dtype == v.dtype, k
+        np.testing.assert_array_equal(out[k], v)
+
+
 def test_model_and_optimizer_state(ckpt):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
