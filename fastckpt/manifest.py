@@ -440,7 +440,9 @@ def _ref(r: Any, m: Manifest) -> None:
         and isinstance(shape, list)
         and isinstance(stride, list)
         and len(shape) == len(stride)
-        and all(_nat(x) for x in shape + stride),
+        and all(_nat(x) for x in shape + stride)
+        # torch's sizes and strides are int64
+        and all(x < 2**63 for x in stride) and math.prod(shape) < 2**63,
         f"bad view {view!r}",
     )
     # The view must stay inside its base, or as_strided would read foreign memory.

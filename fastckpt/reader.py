@@ -57,6 +57,21 @@ class Shard:
     header: bytes
     checked: bool = False  # header matched against the whole manifest
     _map: Any = None
+    _entries: dict | None = None
+
+    def entries(self) -> dict:
+        """The header's tensor entries, parsed once."""
+        if self._entries is None:
+            try:
+                header = json.loads(self.header)
+            except (ValueError, RecursionError) as e:  # as for the manifest (manifest.read)
+                raise CorruptCheckpointError(
+                    f"{self.path}: safetensors header is not JSON ({e})") from e
+            if not isinstance(header, dict):
+                raise CorruptCheckpointError(f"{self.path}: safetensors header is not an object")
+            header.pop("__metadata__", None)
+            self._entries = header
+        return self._entries
 
     def mapping(self) -> mmap_mod.mmap:
         """A private (copy-on-write) mapping: tensors viewing it are writable while
@@ -75,7 +90,7 @@ class Shard:
 
 def open_shard(ckpt: str, m: mf.Manifest, index: int, full: bool = True) -> Shard:
     """Open shard ``index``, check its size and, if ``full``, its header against the
-    manifest (lazy readers check each tensor's bounds as they read it instead)."""
+    manifest (lazy readers check each tensor's entry as they read it instead)."""
     entry = m.shards[index]
     path = os.path.join(ckpt, entry.file)
     try:
@@ -121,34 +136,30 @@ def _read_header(path: str, fd: int) -> Shard:
 
 def match_header(shard: Shard, m: mf.Manifest, index: int) -> None:
     """Check that the shard's own header describes exactly the manifest's tensors."""
-    where = shard.path
-    try:
-        header = json.loads(shard.header)
-    except (ValueError, RecursionError) as e:  # as for the manifest (see manifest.read)
-        raise CorruptCheckpointError(f"{where}: safetensors header is not JSON ({e})") from e
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{where}: safetensors header is not an object")
-    header.pop("__metadata__", None)
     expected = {t.name: t for t in m.shard_members(index)}
+    header = shard.entries()
     if set(header) != set(expected):
         diff = sorted(set(header) ^ set(expected))[:5]
-        raise CorruptCheckpointError(f"{where}: header and manifest disagree on tensors {diff}")
-    for name, t in expected.items():
-        h = header[name]
-        want = {
-            "dtype": "U8" if t.codec is not None else ST_DTYPES[t.dtype_obj],
-            "shape": [t.stop - t.start] if t.codec is not None else list(t.shape),
-            "data_offsets": [t.start, t.stop],
-        }
-        if not isinstance(h, dict) or {k: h.get(k) for k in want} != want:
-            raise CorruptCheckpointError(
-                f"{where}: header entry of {name!r} disagrees with manifest"
-            )
-        check_bounds(shard, t)
+        raise CorruptCheckpointError(
+            f"{shard.path}: header and manifest disagree on tensors {diff}")
+    for t in expected.values():
+        check_entry(shard, t)
     shard.checked = True
 
 
-def check_bounds(shard: Shard, t: mf.TensorEntry) -> None:
+def check_entry(shard: Shard, t: mf.TensorEntry) -> None:
+    """Check that the shard's header describes tensor ``t`` as the manifest does
+    (dtype, shape, offsets) and that its bytes lie inside the file: a manifest alone
+    never decides how a shard's bytes are read."""
+    h = shard.entries().get(t.name)
+    want = {
+        "dtype": "U8" if t.codec is not None else ST_DTYPES[t.dtype_obj],
+        "shape": [t.stop - t.start] if t.codec is not None else list(t.shape),
+        "data_offsets": [t.start, t.stop],
+    }
+    if not isinstance(h, dict) or {k: h.get(k) for k in want} != want:
+        raise CorruptCheckpointError(
+            f"{shard.path}: header entry of {t.name!r} disagrees with manifest")
     if shard.data_start + t.stop > shard.size:
         raise CorruptCheckpointError(
             f"{shard.path}: tensor {t.name!r} ends past the end of the file"
@@ -202,6 +213,7 @@ class CheckpointReader:
         self._shards: dict[int, Shard] = {}
         self._lock = threading.Lock()
         self._by_path: dict[str, int] | None = None
+        self._ambiguous: frozenset[str] = frozenset()
         # Lazily made, shared by every shard: chunk decoders, and the tensor tasks
         # that wait on them (apart, so that no task waits on its own pool).
         self._pools: dict[str, cf.Executor] = {}
@@ -232,6 +244,11 @@ class CheckpointReader:
         index = self._paths().get(key)
         if index is None:
             raise KeyError(f"{key!r} is not a tensor of {self.path}")
+        if key in self.ambiguous:
+            raise CheckpointError(
+                f"{key!r} names several tensors of {self.path} (keys whose '/'-joined "
+                "paths coincide, such as 'a/b' and 'a' -> 'b'); fastckpt.load() "
+                "restores them all")
         return self.manifest.ref(index)
 
     def _ref_tensor(self, ref: dict) -> torch.Tensor:
@@ -283,24 +300,35 @@ class CheckpointReader:
 
     def spec(self, key: str) -> tuple[str, tuple[int, ...]]:
         """Dtype name and shape of tensor ``key``, from the manifest alone."""
-        index = self._paths().get(key)
-        if index is None:
-            raise KeyError(f"{key!r} is not a tensor of {self.path}")
-        ref = self.manifest.ref(index)
+        ref = self._ref_of(key)
+        if "pieces" in ref:
+            return ref["dtype"], tuple(ref["shape"])
         entry = self.manifest.tensor(ref["tensor"])
         view = ref.get("view")
         return entry.dtype, tuple(view["shape"]) if view else entry.shape
 
     def saved_paths(self) -> dict[str, dict]:
-        """Key path -> manifest reference, for every tensor in the saved tree."""
-        return {p: self.manifest.ref(i) for p, i in self._paths().items()}
+        """Key path -> manifest reference, for every tensor in the saved tree whose
+        path names it alone (see :attr:`ambiguous`)."""
+        return {p: self.manifest.ref(i) for p, i in self._paths().items()
+                if p not in self.ambiguous}
+
+    @property
+    def ambiguous(self) -> frozenset[str]:
+        """Key paths shared by several tensors: a dict key holding ``/`` can spell
+        the path of a nested key (``{"a/b": x, "a": {"b": y}}``), as can keys of
+        different types (``{0: x, "0": y}``). Reading one by path is refused."""
+        self._paths()
+        return self._ambiguous
 
     def _paths(self) -> dict[str, int]:
         if self._by_path is None:
             paths: dict[str, int] = {}
+            ambiguous = set()
             for i, p in enumerate(self.manifest.ref_paths()):
-                paths.setdefault(p, i)
-            self._by_path = paths
+                if paths.setdefault(p, i) != i:
+                    ambiguous.add(p)
+            self._by_path, self._ambiguous = paths, frozenset(ambiguous)
         return self._by_path
 
     # -- stored tensors ---------------------------------------------------------
@@ -330,7 +358,8 @@ class CheckpointReader:
     def _materialize(self, shard: Shard, t: mf.TensorEntry, out: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, str | None]:
         """The tensor and, when verifying, the digest of its bytes on disk."""
-        check_bounds(shard, t)
+        if not shard.checked:
+            check_entry(shard, t)
         if t.codec is not None:
             return self._decode(shard, t, out)
         if out is None and self.mmap:

@@ -178,6 +178,42 @@ def test_lying_manifest(saved, edit, match):
     assert any(re.search(match, p) for p in report.problems), report.problems
 
 
+def _swap_offsets(doc):
+    a, b = doc["tensors"]["a"], doc["tensors"]["b"]
+    a["offsets"], b["offsets"] = b["offsets"], a["offsets"]
+
+
+@pytest.mark.parametrize("edit, like", [
+    (lambda d: d["tensors"]["a"].update(dtype="int32"), torch.zeros(16, dtype=torch.int32)),
+    (lambda d: d["tensors"]["a"].update(shape=[4, 4]), torch.zeros(4, 4)),
+    (_swap_offsets, torch.zeros(16)),
+])
+def test_lying_manifest_read_lazily(ckpt, edit, like):
+    """A sealed manifest that lies about a tensor within its shard's bounds: the lazy
+    paths (open, load_into) check the shard's own header entry too, as load does."""
+    fastckpt.save({"a": torch.randn(16), "b": torch.arange(16, dtype=torch.int32)},
+                  ckpt).wait(timeout=60)
+    edit_manifest(ckpt, edit)
+    for verify in (False, True):
+        with fastckpt.open(ckpt, verify=verify) as r, \
+                pytest.raises(fastckpt.CorruptCheckpointError, match="'a' disagrees"):
+            r["a"]
+    with pytest.raises(fastckpt.CorruptCheckpointError, match="'a' disagrees"):
+        fastckpt.load_into(ckpt, {"a": like}, strict=False)
+    with pytest.raises(fastckpt.CorruptCheckpointError):
+        fastckpt.load(ckpt)
+
+
+def test_view_beyond_int64_is_refused(ckpt):
+    w = torch.randn(4, 4)
+    fastckpt.save({"w": w, "row": w[1]}, ckpt).wait(timeout=60)
+    edit_manifest(ckpt, lambda d: d["refs"][1]["view"].update(shape=[1], stride=[2**63]))
+    with fastckpt.open(ckpt) as r, pytest.raises(fastckpt.CorruptCheckpointError, match="bad view"):
+        r["row"]
+    with pytest.raises(fastckpt.CorruptCheckpointError, match="bad view"):
+        fastckpt.load(ckpt)
+
+
 def test_lying_header_offsets(saved):
     path, _ = saved
     f = shards(path)[0]

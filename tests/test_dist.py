@@ -182,6 +182,13 @@ def test_reshard_in_one_process(ckpt, dim):
                                dist.Sharded.chunk(full, 1 - dim, r, world).local)
 
 
+def test_spec_of_a_tensor_saved_in_pieces(ckpt):
+    fastckpt.save({"x": dist.Sharded.chunk(torch.randn(7, 5, dtype=torch.float64), 0, 0, 1),
+                   "y": torch.ones(2, dtype=torch.int8)}, ckpt, per_rank={}).wait(60)
+    with fastckpt.open(ckpt) as r:
+        assert r.spec("x") == ("float64", (7, 5)) and r.spec("y") == ("int8", (2,))
+
+
 def test_pieces_must_tile(ckpt):
     full = torch.randn(4, 2)
     fastckpt.save({"x": dist.Sharded.chunk(full, 0, 0, 1)}, ckpt, per_rank={}).wait(60)

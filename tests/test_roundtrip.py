@@ -127,6 +127,20 @@ def test_numpy_arrays_keep_shape_and_shared_buffers(ckpt):
         np.testing.assert_array_equal(out[k], v)
 
 
+def test_keys_whose_paths_coincide(ckpt):
+    """'a/b' and 'a' -> 'b' (or 0 and '0') spell one key path: load restores both, and
+    reading either by that path is refused rather than answered with one of them."""
+    obj = {"a/b": torch.full((3,), 1.0), "a": {"b": torch.full((3,), 2.0)},
+           0: torch.zeros(2), "0": torch.ones(2), "c": torch.arange(3)}
+    assert_same(obj, roundtrip(obj, ckpt))
+    with fastckpt.open(ckpt) as r:
+        assert r.ambiguous == {"a/b", "0"}
+        for key in ("a/b", "0"):
+            with pytest.raises(fastckpt.CheckpointError, match="names several tensors"):
+                r[key]
+        assert torch.equal(r["c"], obj["c"])
+
+
 def test_model_and_optimizer_state(ckpt):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
