@@ -59,6 +59,22 @@ class Shard:
     _map: Any = None
     _entries: dict | None = None
 
+    def has_entry(self, name: str, want: dict) -> bool:
+        """Whether the header describes tensor ``name`` with the fields of ``want``.
+
+        A lazy read of one tensor should not parse a header of thousands: the entry
+        is first looked for as fastckpt writes it (compact JSON, these fields in this
+        order), as a member of an object (after ``{`` or ``,``, which no JSON string
+        holds unescaped before a quote); any other header is parsed."""
+        text = json.dumps({name: want}, separators=(",", ":"))[1:-1].encode()
+        at = self.header.find(text)
+        while at > 0:
+            if self.header[at - 1] in b"{,":
+                return True
+            at = self.header.find(text, at + 1)
+        h = self.entries().get(name)
+        return isinstance(h, dict) and {k: h.get(k) for k in want} == want
+
     def entries(self) -> dict:
         """The header's tensor entries, parsed once."""
         if self._entries is None:
@@ -151,13 +167,12 @@ def check_entry(shard: Shard, t: mf.TensorEntry) -> None:
     """Check that the shard's header describes tensor ``t`` as the manifest does
     (dtype, shape, offsets) and that its bytes lie inside the file: a manifest alone
     never decides how a shard's bytes are read."""
-    h = shard.entries().get(t.name)
     want = {
         "dtype": "U8" if t.codec is not None else ST_DTYPES[t.dtype_obj],
         "shape": [t.stop - t.start] if t.codec is not None else list(t.shape),
         "data_offsets": [t.start, t.stop],
     }
-    if not isinstance(h, dict) or {k: h.get(k) for k in want} != want:
+    if not shard.has_entry(t.name, want):
         raise CorruptCheckpointError(
             f"{shard.path}: header entry of {t.name!r} disagrees with manifest")
     if shard.data_start + t.stop > shard.size:
