@@ -86,7 +86,11 @@ def _flat(tree: Any, prefix: str) -> dict[str, torch.Tensor]:
         )
     out: dict[str, torch.Tensor] = {}
     for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        for name, t in _flat(v, f"{prefix}.{k}" if prefix else str(k)).items():
+            if name in out:  # {"a.b": x, "a": {"b": y}}: one would silently replace the other
+                raise CheckpointError(f"two model weights export as {name!r} (keys such as "
+                                      "'a.b' and 'a' -> 'b'); rename one of them")
+            out[name] = t
     return out
 
 

@@ -86,3 +86,13 @@ def test_load_into_strict_reports_mismatch(tmp_path):
     with pytest.raises(fastckpt.CheckpointError, match="unexpected"):
         hf.load_into(transformers.BertModel(cfg), d)
     assert hf.load_into(transformers.BertModel(cfg), d, strict=False).unexpected
+
+
+def test_export_refuses_weights_whose_names_coincide(tmp_path):
+    from fastckpt import export
+
+    src = tmp_path / "ck"
+    fastckpt.save({"model": {"a.b": torch.ones(2), "a": {"b": torch.zeros(3)}}}, src).wait()
+    with pytest.raises(fastckpt.CheckpointError, match="two model weights export as 'a.b'"):
+        export.export_for_inference(src, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")

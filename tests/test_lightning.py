@@ -80,3 +80,17 @@ def test_unsupported_hyperparameters_need_the_opt_in(tmp_path):
         FastCheckpointIO().load_checkpoint(path)
     state = FastCheckpointIO(unsupported="pickle").load_checkpoint(path)
     assert state["hyper_parameters"]["extra"] == Opaque()
+
+
+def test_unsupported_tensors_are_pickled_with_the_opt_in(tmp_path):
+    c = torch.randn(3, dtype=torch.complex128)
+    with pytest.raises(fastckpt.UnsupportedTypeError, match="unsupported='pickle'"):
+        FastCheckpointIO().save_checkpoint({"state_dict": {"c": c}}, tmp_path / "a.ckpt")
+    io = FastCheckpointIO(unsupported="pickle")
+    io.save_checkpoint({"state_dict": {"c": c, "w": torch.ones(2)}}, tmp_path / "b.ckpt")
+    state = io.load_checkpoint(tmp_path / "b.ckpt")
+    io.teardown()
+    assert torch.equal(state["state_dict"]["c"], c)
+    assert torch.equal(state["state_dict"]["w"], torch.ones(2))
+    with fastckpt.open(tmp_path / "b.ckpt") as r:
+        assert "state_dict/w" in r  # stored as a tensor, not pickled

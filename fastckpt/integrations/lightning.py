@@ -31,6 +31,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from .. import reader
 from ..checkpointer import Checkpointer, SaveHandle
 from ..errors import CheckpointError, UnsupportedTypeError
+from ..plan import check_tensor
 from ..tree import flatten, key_path
 
 PICKLED = "__fastckpt_pickled__"  # the one key of a dict standing for a pickled value
@@ -110,7 +111,9 @@ def _encode(obj: Any, path: str) -> Any:
     if isinstance(obj, tuple) and not isinstance(obj, torch.Size):
         return tuple(_encode(v, key_path(path, i)) for i, v in enumerate(obj))
     try:
-        flatten(obj)
+        flat = flatten(obj)
+        for t, p in zip(flat.tensors, flat.paths, strict=True):
+            check_tensor(t, key_path(path, p) if p else path)  # dtypes, layouts
     except UnsupportedTypeError:
         return {PICKLED: pickle.dumps(obj)}
     return obj
