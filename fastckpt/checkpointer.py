@@ -225,6 +225,8 @@ class Checkpointer:
                 self._raise_unreported()
                 plan = scope.plan(obj, per_rank, shard_size or self.shard_size,
                                   None if opts is None else codec.MIN_COMPRESS_BYTES)
+                if metadata is not None and not isinstance(metadata, Mapping):
+                    raise TypeError(f"metadata must be a mapping, not {type(metadata).__name__}")
                 meta_tree = flatten(dict(metadata or {}))
                 if meta_tree.tensors:
                     raise CheckpointError("metadata must not contain tensors")

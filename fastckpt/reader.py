@@ -181,6 +181,25 @@ def check_entry(shard: Shard, t: mf.TensorEntry) -> None:
         )
 
 
+def check_map_location(map_location: Any) -> None:
+    """Refuse, before anything is read, a ``map_location`` naming no device that
+    tensors can go to: ``TypeError`` for a function (torch.load's storage hook has no
+    counterpart here), ``ValueError`` otherwise."""
+    if map_location is None:
+        return
+    if callable(map_location):
+        raise TypeError("map_location must be a device, a device string, a dict or None, "
+                        f"not {type(map_location).__name__}")
+    targets = map_location.values() if isinstance(map_location, dict) else [map_location]
+    for where in targets:
+        try:
+            dev = torch.device(where)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"map_location: {where!r} is not a device ({e})") from None
+        if dev.type == "meta" or (dev.type == "cuda" and not torch.cuda.is_available()):
+            raise ValueError(f"map_location: tensors cannot be loaded to {where!r} here")
+
+
 def target_device(map_location: Any, saved: str) -> torch.device:
     """Where a tensor saved on device ``saved`` goes, under torch.load-like rules."""
     if map_location is None:
@@ -229,6 +248,7 @@ class CheckpointReader:
         self._lock = threading.Lock()
         self._by_path: dict[str, int] | None = None
         self._ambiguous: frozenset[str] = frozenset()
+        self._closed = False
         # Lazily made, shared by every shard: chunk decoders, and the tensor tasks
         # that wait on them (apart, so that no task waits on its own pool).
         self._pools: dict[str, cf.Executor] = {}
@@ -351,6 +371,7 @@ class CheckpointReader:
     def shard(self, index: int, full: bool = False) -> Shard:
         """Shard ``index``, opened once; ``full`` also matches its whole header."""
         with self._lock:
+            self._check_open()
             s = self._shards.get(index)
             if s is None:
                 s = self._shards[index] = open_shard(self.path, self.manifest, index, full)
@@ -421,6 +442,7 @@ class CheckpointReader:
 
     def _pool(self, name: str) -> cf.Executor:
         with self._lock:
+            self._check_open()
             if name not in self._pools:
                 self._pools[name] = cf.ThreadPoolExecutor(
                     self.workers, thread_name_prefix=f"fastckpt-{name}")
@@ -495,8 +517,14 @@ class CheckpointReader:
 
         return tensor
 
+    def _check_open(self) -> None:
+        # A closed reader would reopen shards and start threads that nothing closes.
+        if self._closed:
+            raise CheckpointError(f"{self.path}: the reader is closed")
+
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for s in self._shards.values():
                 s.close()
             self._shards.clear()
@@ -603,6 +631,7 @@ def h2d_into(src: torch.Tensor, dst: torch.Tensor) -> None:
 def load(path: Any, map_location: Any = "cpu", mmap: bool = True, verify: bool = False,
          workers: int = 4) -> Any:
     """Load the checkpoint at ``path``; see :func:`fastckpt.load`."""
+    check_map_location(map_location)
     with CheckpointReader(path, mmap=mmap, verify=verify, workers=workers) as r:
         return r.load(map_location)
 

@@ -106,6 +106,8 @@ class _Flattener:
         if isinstance(v, (bytes, bytearray)):
             return {"$bytes": _b64(bytes(v))}
         if isinstance(v, torch.dtype):
+            if v not in _DTYPE_NAMES:
+                raise UnsupportedTypeError(f"dtype {v} at {path or '<root>'!r} cannot be stored")
             return {"$dtype": dtype_name(v)}
         if isinstance(v, torch.device):
             return {"$device": str(v)}

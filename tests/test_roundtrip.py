@@ -200,3 +200,35 @@ def test_map_location(ckpt):
     assert fastckpt.load(ckpt, map_location=None)["x"].device.type == "cpu"
     assert fastckpt.load(ckpt, map_location={"cuda:0": "cpu"})["x"].device.type == "cpu"
     assert fastckpt.load(ckpt, map_location=torch.device("cpu"))["x"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("where, error", [
+    (lambda storage, loc: storage, TypeError),
+    ("gpu0", ValueError),
+    ("meta", ValueError),
+    (0 if not torch.cuda.is_available() else "meta", ValueError),
+    ({"cpu": "cuda:7"} if not torch.cuda.is_available() else {"cpu": "meta"}, ValueError),
+])
+def test_bad_map_location_is_refused_before_reading(ckpt, where, error):
+    fastckpt.save({"x": torch.ones(2)}, ckpt).wait(timeout=60)
+    with pytest.raises(error, match="map_location"):
+        fastckpt.load(ckpt, map_location=where)
+
+
+def test_a_closed_reader_reads_no_more(ckpt):
+    fastckpt.save({"x": torch.ones(2), "y": torch.zeros(3)}, ckpt).wait(timeout=60)
+    with fastckpt.open(ckpt) as r:
+        x = r["x"]
+    assert torch.equal(x, torch.ones(2))  # what was read stays valid
+    with pytest.raises(fastckpt.CheckpointError, match="closed"):
+        r["y"]
+
+
+@pytest.mark.parametrize("obj, metadata, match", [
+    ({"d": torch.float8_e4m3fnuz}, None, "dtype torch.float8_e4m3fnuz at 'd'"),
+    ({"x": 1}, "step=1", "metadata must be a mapping"),
+])
+def test_bad_values_are_refused_at_save_time(ckpt, obj, metadata, match):
+    with pytest.raises(TypeError, match=match):
+        fastckpt.save(obj, ckpt, metadata=metadata)
+    assert not os.path.exists(ckpt)
