@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
+from numbers import Real
 from typing import Any
 
 from . import checksum as ck
@@ -60,12 +62,23 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def filed_step(name: str) -> int | None:
+    """The step a manager files the directory ``name`` under, or None when it is not
+    a manager's step directory. Only the canonical name counts, so that no two
+    directories claim a step; the name wins over any step in the metadata."""
+    m = _STEP_DIR.match(name)
+    if not m or step_name(int(m.group(1))) != name:
+        return None
+    return int(m.group(1))
+
+
 def read_info(path: str, step: int | None = None) -> CheckpointInfo:
     """Describe the committed checkpoint at ``path`` from its manifest.
 
     ``step`` is the step it is filed under (by default the one in its metadata).
     Checkpoints saved without a manager still describe themselves: metrics, tags and
-    description are then empty and the time is the commit time.
+    description are then empty and the time is the commit time, which also stands
+    in for a ``time`` in the metadata that is not a finite number of seconds.
     """
     m = mf.read(path)
     md = m.metadata
@@ -79,13 +92,25 @@ def read_info(path: str, step: int | None = None) -> CheckpointInfo:
     return CheckpointInfo(
         step=step,
         path=path,
-        time=float(md.get("time", m.raw.get("created", 0.0))),
+        time=_seconds(md.get("time"), _seconds(m.raw.get("created"), 0.0)),
         metrics=dict(metrics) if isinstance(metrics, dict) else {},
         tags=tuple(t for t in tags if isinstance(t, str)) if isinstance(tags, list) else (),
         description=str(md.get("description", "")),
         size=sum(s.size for s in m.shards) + manifest_size,
         checksum=checksum,
     )
+
+
+def _seconds(t: Any, default: float) -> float:
+    """``t`` as seconds since the epoch, or ``default`` when it is not a finite real
+    number (user metadata may hold anything under "time")."""
+    if isinstance(t, bool) or not isinstance(t, Real):
+        return default
+    try:
+        t = float(t)
+    except OverflowError:  # an int beyond any float
+        return default
+    return t if math.isfinite(t) else default
 
 
 def _stamp(manifest: str) -> list[int] | None:
@@ -121,7 +146,9 @@ class Catalog:
             elif m := _LEFTOVER.match(entry):
                 names.add(m.group(1))
         for name in names:
-            commit.recover(os.path.join(self.root, name))
+            path = os.path.join(self.root, name)
+            commit.recover(path)
+            _remove_leftover_links(path)
         for f in commit._leftovers(self.index_path, commit.TMP_TAG):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(f)
@@ -131,9 +158,9 @@ class Catalog:
         be read is left out (with a warning) rather than failing the whole scan."""
         found: dict[str, tuple[list[int], CheckpointInfo]] = {}
         for entry in self._listdir():
-            m = _STEP_DIR.match(entry)
-            if not m or step_name(int(m.group(1))) != entry:
-                continue  # only canonical names, so that no two directories claim a step
+            step = filed_step(entry)
+            if step is None:
+                continue
             path = os.path.join(self.root, entry)
             stamp = _stamp(os.path.join(path, mf.MANIFEST_NAME))
             if stamp is None:
@@ -143,7 +170,7 @@ class Catalog:
                 found[entry] = cached
                 continue
             try:
-                found[entry] = (stamp, read_info(path, int(m.group(1))))
+                found[entry] = (stamp, read_info(path, step))
             except FileNotFoundError:
                 continue  # removed since it was listed (by the rank that applies retention)
             except (CheckpointError, ValueError, TypeError) as e:
@@ -192,6 +219,16 @@ class Catalog:
             log.warning("cannot write %s: %s", self.index_path, e)
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _remove_leftover_links(path: str) -> None:
+    """Remove the leftovers of ``path`` that are symbolic links: a step that was a
+    link (to a checkpoint elsewhere) and whose removal crashed leaves one, which
+    ``commit.recover`` cannot rmtree."""
+    for f in commit._leftovers(path, commit.TMP_TAG):
+        if os.path.islink(f):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
 
 
 def _no_tensor(index: int, tag: str) -> Any:

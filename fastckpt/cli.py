@@ -17,18 +17,18 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from numbers import Real
 from typing import Any
 
-from . import __version__, commit, convert, reader
+from . import __version__, commit, convert, reader, transfer
 from . import manifest as mf
-from .catalog import CheckpointInfo, read_info
+from .catalog import CheckpointInfo, filed_step, read_info
 from .errors import CheckpointError, CheckpointNotFoundError
+from .retention import metric_value
+from .tree import dtype_from_name
 
 KEEP_TAG = "keep"  # checkpoints tagged so are never pruned
 Entry = CheckpointInfo  # one committed checkpoint under a root
@@ -56,6 +56,13 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _positive(text: str) -> int:
+    n = _count(text)
+    if n == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
 def human(n: float) -> str:
     """Bytes in binary units, e.g. ``1.50 GiB``."""
     units = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -67,7 +74,10 @@ def human(n: float) -> str:
 
 
 def _when(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, ValueError, OSError):  # a time beyond the calendar
+        return "-"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
@@ -84,7 +94,19 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
 
 
 def _dump_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=_jsonable))
+    print(json.dumps(_finite(obj), indent=2, default=_jsonable, allow_nan=False))
+
+
+def _finite(v: Any) -> Any:
+    """``v`` with NaN and infinities as None: JSON has no such numbers, and Python's
+    ``NaN`` / ``Infinity`` extension is rejected by other parsers."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _jsonable(v: Any) -> Any:
@@ -115,33 +137,30 @@ def progress_bar(total: int | None, desc: str, enabled: bool = True) -> Iterator
 
 
 def _read_entry(path: str) -> Entry:
-    """Describe a checkpoint from its manifest; a checkpoint whose metadata holds no
-    step takes it from a trailing number in the directory name."""
-    found = _STEP_IN_NAME.search(os.path.basename(path))
-    info = read_info(path)
+    """Describe a checkpoint from its manifest. Its step is the one a
+    CheckpointManager files it under (a ``step_<n>`` directory is step n, whatever
+    its metadata says), else the step in its metadata, else a trailing number in the
+    directory name."""
+    name = os.path.basename(path)
+    info = read_info(path, filed_step(name))
+    found = _STEP_IN_NAME.search(name)
     if info.step is None and found:
         info = dataclasses.replace(info, step=int(found.group(1)))
     return info
 
 
-def _metric(e: Entry, name: str) -> float | None:
-    v = e.metrics.get(name)
-    if isinstance(v, bool) or not isinstance(v, Real) or math.isnan(v):
-        return None
-    return float(v)
-
-
 def ranked(entries: Sequence[Entry], metric: str, mode: str) -> list[Entry]:
     """Entries holding ``metric``, best first (the later step first among equals)."""
-    sign = 1.0 if mode == "min" else -1.0
-    scored = [(sign * v, -(e.step or 0), i) for i, e in enumerate(entries)
-              if (v := _metric(e, metric)) is not None]
+    # Negated rather than scaled by -1.0, which would turn a huge int into a float.
+    scored = [(v if mode == "min" else -v, -(e.step or 0), i) for i, e in enumerate(entries)
+              if (v := metric_value(e.metrics, metric)) is not None]
     return [entries[i] for *_, i in sorted(scored)]
 
 
 def scan(root: str, metric: str = "val_loss", mode: str = "min") -> list[Entry]:
-    """The committed checkpoints directly under ``root``, oldest first, with the best
-    (by ``metric``) and the latest marked. Unreadable ones are skipped with a warning."""
+    """The committed checkpoints directly under ``root``, oldest first (those with no
+    step last), with the best (by ``metric``) and the latest (the highest step; one
+    without a step never is) marked. Unreadable ones are skipped with a warning."""
     if not os.path.isdir(root):
         raise CheckpointNotFoundError(f"{root}: no such directory")
     found = []
@@ -156,7 +175,8 @@ def scan(root: str, metric: str = "val_loss", mode: str = "min") -> list[Entry]:
     found.sort(key=lambda e: (e.step is None, e.step or 0, e.time))
     best = ranked(found, metric, mode)
     best_path = best[0].path if best else None
-    latest = found[-1].path if found else None
+    stepped = [e for e in found if e.step is not None]
+    latest = stepped[-1].path if stepped else None
     return [dataclasses.replace(e, is_best=e.path == best_path, is_latest=e.path == latest)
             for e in found]
 
@@ -164,15 +184,19 @@ def scan(root: str, metric: str = "val_loss", mode: str = "min") -> list[Entry]:
 def keep_set(entries: Sequence[Entry], keep_last: int | None, keep_best: int | None,
              metric: str, mode: str) -> dict[str, str]:
     """Path -> why it is kept: the latest always, the ``keep_last`` most recent, the
-    ``keep_best`` best by ``metric``, and anything tagged ``keep``."""
+    ``keep_best`` best by ``metric``, anything tagged ``keep``, and any checkpoint
+    without a step (nothing tells how recent it is)."""
     why: dict[str, list[str]] = {}
-    for e in entries[-(keep_last or 1):]:
+    stepped = [e for e in entries if e.step is not None]
+    for e in stepped[-(keep_last or 1):]:
         why.setdefault(e.path, []).append("latest" if e.is_latest else "recent")
     for e in ranked(entries, metric, mode)[: keep_best or 0]:
         why.setdefault(e.path, []).append(f"best {metric}")
     for e in entries:
         if KEEP_TAG in e.tags:
             why.setdefault(e.path, []).append("tagged keep")
+        if e.step is None:
+            why.setdefault(e.path, []).append("no step")
     return {p: ", ".join(r) for p, r in why.items()}
 
 
@@ -220,9 +244,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for e in doomed:
         # The name disappears atomically first: no half-deleted checkpoint stays
         # visible, and a crash leaves only a leftover the next save cleans up.
-        trash = commit.sibling(e.path, commit.TMP_TAG)
-        os.rename(e.path, trash)
-        shutil.rmtree(trash)
+        transfer.remove_checkpoint(e.path)
     if doomed:
         commit.fsync_dir(root)
     print(f"\ndeleted {len(doomed)} of {len(entries)} checkpoints ({freed})")
@@ -265,20 +287,33 @@ def describe(path: str, with_tensors: bool = False) -> dict:
 
 
 def _tensor_rows(m: mf.Manifest) -> list[dict]:
-    rows = []
-    for ref, key in zip(m.refs, m.ref_paths(), strict=True):
-        t = m.tensor(ref["tensor"])
-        view = ref.get("view")
-        shape = list(view["shape"]) if view else list(t.shape)
-        numel = math.prod(shape)
-        rows.append({
-            "key": key, "dtype": t.dtype, "shape": shape,
-            "nbytes": numel * t.dtype_obj.itemsize,
-            # A view shares the bytes of the stored tensor it views: it stores none.
-            "stored_bytes": None if view else t.stop - t.start,
-            "stored_as": t.name, "shard": t.shard,
-        })
-    return rows
+    return [_pieces_row(m, ref, key) if "pieces" in ref else _tensor_row(m, ref, key)
+            for ref, key in zip(m.refs, m.ref_paths(), strict=True)]
+
+
+def _tensor_row(m: mf.Manifest, ref: dict, key: str) -> dict:
+    t = m.tensor(ref["tensor"])
+    view = ref.get("view")
+    shape = list(view["shape"]) if view else list(t.shape)
+    return {
+        "key": key, "dtype": t.dtype, "shape": shape,
+        "nbytes": math.prod(shape) * t.dtype_obj.itemsize,
+        # A view shares the bytes of the stored tensor it views: it stores none.
+        "stored_bytes": None if view else t.stop - t.start,
+        "stored_as": t.name, "shard": t.shard,
+    }
+
+
+def _pieces_row(m: mf.Manifest, ref: dict, key: str) -> dict:
+    """A tensor saved in pieces (by several ranks): ``stored_as`` and ``shard`` list
+    the pieces' stored tensors and their files."""
+    pieces = [m.tensor(p["tensor"]) for p in ref["pieces"]]
+    return {
+        "key": key, "dtype": ref["dtype"], "shape": list(ref["shape"]),
+        "nbytes": math.prod(ref["shape"]) * dtype_from_name(ref["dtype"]).itemsize,
+        "stored_bytes": sum(t.stop - t.start for t in pieces),
+        "stored_as": [t.name for t in pieces], "shard": [t.shard for t in pieces],
+    }
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -533,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
         return c
 
     def json_flag(c: argparse.ArgumentParser) -> None:
-        c.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        c.add_argument("--json", action="store_true",
+                       help="print JSON instead of tables (NaN and infinities as null)")
 
     def ranking(c: argparse.ArgumentParser) -> None:
         c.add_argument("--metric", default="val_loss", help="metric ranking checkpoints "
@@ -553,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("verify", cmd_verify, "check checkpoints against their checksums")
     c.add_argument("paths", nargs="+", metavar="CKPT")
-    c.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 2),
+    c.add_argument("--workers", type=_positive, default=min(8, os.cpu_count() or 2),
                    help="shards checked in parallel per checkpoint")
     json_flag(c)
 
@@ -581,7 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("gc", cmd_gc, "delete old checkpoints under a directory (a dry run unless --yes)")
     c.add_argument("root", metavar="ROOT")
-    c.add_argument("--keep-last", type=_count, metavar="N", help="keep the N most recent steps")
+    c.add_argument("--keep-last", type=_count, metavar="N",
+                   help="keep the N most recent steps (a checkpoint with no step is "
+                        "never deleted)")
     c.add_argument("--keep-best", type=_count, metavar="K", help="keep the K best by --metric")
     ranking(c)
     c.add_argument("--yes", action="store_true", help="really delete")

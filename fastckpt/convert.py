@@ -24,6 +24,7 @@ import pickle
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    InvalidArgumentError,
     UnsupportedTypeError,
 )
 from .plan import ST_DTYPES, encode_header, pack
@@ -284,8 +286,11 @@ def write_hf_files(folder: str, specs: list[Spec], max_shard_size: int,
                    progress: Progress | None = None) -> list[str]:
     """Write ``specs`` into ``folder`` in the Hugging Face layout (see module doc);
     returns the names of the files written."""
-    if max_shard_size <= 0:
-        raise ValueError("max_shard_size must be > 0")
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, Integral) \
+            or max_shard_size <= 0:
+        raise InvalidArgumentError(
+            f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}"
+        )
     groups = pack(specs, max_shard_size)
     report = _with_total(progress, specs)
     if len(groups) == 1:
@@ -341,7 +346,10 @@ def new_path(path: PathLike, allow_empty_dir: bool = True) -> str:
     if os.path.lexists(path) and not empty_dir:
         what = "exists and is not an empty directory" if allow_empty_dir else "already exists"
         raise CheckpointError(f"{path} {what}; not overwriting it")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:  # e.g. a file where a parent directory should be
+        raise CheckpointWriteError(f"cannot create the parent of {path}: {e}") from e
     return path
 
 

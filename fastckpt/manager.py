@@ -18,7 +18,6 @@ import concurrent.futures as cf
 import dataclasses
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -55,8 +54,9 @@ class CheckpointManager:
     skipped save returns None; ``force=True`` overrides both.
 
     ``backup_dir`` keeps verified copies of the best checkpoints (the ``keep_best``
-    best, or the single best) in a second directory. ``checkpointer`` is the engine
-    to save with (by default the manager owns one).
+    best, or the single best) in a second directory, apart from ``root`` (neither
+    inside the other, else :class:`InvalidArgumentError`). ``checkpointer`` is the
+    engine to save with (by default the manager owns one).
 
     ``process_group``: the ``torch.distributed`` group whose ranks manage ``root``
     together (default: the default group when torch.distributed is initialised with
@@ -106,7 +106,8 @@ class CheckpointManager:
         self._owns_checkpointer = checkpointer is None
         self._ckpt = checkpointer or Checkpointer()
         self._lock = threading.RLock()
-        self._pending: dict[int, CheckpointInfo] = {}  # saves (and imports) in flight
+        # Saves (with their handles) and imports (None) in flight; see _in_flight().
+        self._pending: dict[int, tuple[CheckpointInfo, SaveHandle | None]] = {}
         self._jobs: list[cf.Future] = []
         self._housekeeper = cf.ThreadPoolExecutor(1, thread_name_prefix="fastckpt-manager")
         self._closed = False
@@ -130,9 +131,10 @@ class CheckpointManager:
         Returns the :class:`SaveHandle` once the state is snapshotted, or None when
         ``save_interval_steps`` / ``save_best_only`` skip this step. Raises
         :class:`StepExistsError` if the step is already saved (``force=True``
-        replaces it, atomically) or being saved, and :class:`MetricError` if the
-        policy ranks by a metric missing from ``metrics``. Once the save commits,
-        checkpoints the policy no longer keeps are removed in the background.
+        replaces it, atomically) or being saved (until its handle is done), and
+        :class:`MetricError` if the policy ranks by a metric missing from
+        ``metrics``. Once the save commits, checkpoints the policy no longer keeps
+        are removed in the background.
 
         Under a process group every rank calls it with the same ``step``: ``state``
         is the replicated state, ``per_rank`` this rank's own (as in
@@ -155,11 +157,11 @@ class CheckpointManager:
             )
             handle = self._ckpt.save(state, info.path, metadata=_metadata(info),
                                      per_rank=per_rank, process_group=self._group)
-            self._pending[step] = info
+            self._pending[step] = (info, handle)
             job: cf.Future = cf.Future()
             self._jobs = [j for j in self._jobs if not j.done()] + [job]
         handle.add_done_callback(
-            lambda err: self._housekeeper.submit(self._after_save, step, err, job)
+            lambda err: self._housekeeper.submit(self._after_save, step, handle, err, job)
         )
         return handle
 
@@ -207,24 +209,35 @@ class CheckpointManager:
             return True
         if self.save_best_only:
             value = self.policy.value(metrics)
-            entries = [*committed.values(), *self._pending.values()]
+            entries = [*committed.values(), *self._in_flight().values()]
             return value is None or not self.policy.improves(value, entries)
         return False
 
+    def _in_flight(self) -> dict[int, CheckpointInfo]:
+        """Steps being saved or imported. A save counts as over once its handle is
+        done, although its housekeeping only drops it from ``_pending`` later: a
+        caller whose ``handle.wait()`` returned may save or delete the step at once."""
+        with self._lock:
+            return {step: info for step, (info, handle) in self._pending.items()
+                    if handle is None or not handle.done()}
+
     def _check_free(self, step: int, committed: dict, force: bool) -> None:
-        if step in self._pending:
+        if step in self._in_flight():
             raise StepExistsError(f"step {step} is being saved in {self.root}")
         if step in committed and not force:
             raise StepExistsError(
                 f"step {step} is already saved in {self.root}; pass force=True to replace it"
             )
 
-    def _after_save(self, step: int, error: BaseException | None, job: cf.Future) -> None:
+    def _after_save(self, step: int, handle: SaveHandle, error: BaseException | None,
+                    job: cf.Future) -> None:
         # On the housekeeping thread. A failed save deletes nothing; its error
         # reaches the caller through the handle and the next save().
         try:
             with self._lock:
-                self._pending.pop(step, None)
+                # The step may already be saved again (force=True) by a newer save.
+                if self._pending.get(step, (None, None))[1] is handle:
+                    del self._pending[step]
             if error is None and self._leader:
                 self._prune()
                 self._sync_backups()
@@ -239,11 +252,12 @@ class CheckpointManager:
             committed = self._catalog.scan()
             keep = self.policy.keep(list(committed.values()))
             # A step being re-saved (force=True) is left to its save's atomic replace.
-            doomed = [s for s in sorted(committed) if s not in keep and s not in self._pending]
+            busy = self._in_flight()
+            doomed = [s for s in sorted(committed) if s not in keep and s not in busy]
             trash = [transfer.detach(committed[s].path) for s in doomed]
             self._catalog.scan()
         for s, t in zip(doomed, trash, strict=True):
-            shutil.rmtree(t)
+            transfer.discard(t)
             log.info("removed step %d from %s (retention)", s, self.root)
 
     def _sync_backups(self) -> None:
@@ -348,11 +362,11 @@ class CheckpointManager:
 
     def _delete(self, step: int) -> None:
         with self._lock:
-            if step in self._pending:
+            if step in self._in_flight():
                 raise CheckpointError(f"step {step} is being saved in {self.root}")
             trash = transfer.detach(self._find(step).path)
             self._catalog.scan()
-        shutil.rmtree(trash)
+        transfer.discard(trash)
 
     # -- copies -------------------------------------------------------------------
 
@@ -367,18 +381,23 @@ class CheckpointManager:
                 ) -> CheckpointInfo:
         """Copy the checkpoint at ``src`` into this manager as ``step`` (by default the
         step in its metadata), verified before it appears. Retention is not applied
-        to imports. Raises :class:`StepExistsError` unless the step is free or
-        ``force=True``."""
+        to imports. Raises :class:`InvalidArgumentError` for a missing or negative
+        step (before copying anything), and :class:`StepExistsError` unless the step
+        is free or ``force=True``."""
         return self._ranks.run("import", lambda: self._import(src, step, force))
 
     def _import(self, src: PathLike, step: int | None, force: bool) -> CheckpointInfo:
         src_info = read_info(reader.resolve(os.fspath(src)))
-        step = src_info.step if step is None else _check_step(step, "step")
-        if step is None:
+        # Checked before anything is copied, which a bad step would leave stray.
+        if step is not None:
+            step = _check_step(step, "step")
+        elif src_info.step is None:
             raise InvalidArgumentError(f"{src} records no step; pass step=")
+        else:
+            step = _check_step(src_info.step, f"the step recorded in {src}")
         with self._lock:
             self._check_free(step, self._catalog.scan(), force)
-            self._pending[step] = src_info
+            self._pending[step] = (src_info, None)
         try:
             transfer.copy_checkpoint(src_info.path, self._catalog.path(step))
         finally:
@@ -448,10 +467,23 @@ class CheckpointManager:
 def _open_roots(root: PathLike, backup_dir: PathLike | None) -> tuple[str, str | None]:
     """Create the root (and backup root), clean up after crashed saves there, and
     return their absolute paths."""
+    if backup_dir is not None:
+        _check_apart(root, backup_dir)
     paths = [_open_root(d) for d in (root, backup_dir) if d is not None]
     for d in paths:
         Catalog(d).clean()
     return paths[0], paths[1] if backup_dir is not None else None
+
+
+def _check_apart(root: PathLike, backup_dir: PathLike) -> None:
+    """Refuse a backup directory that is the root, or inside it, or holds it: each
+    directory's retention would remove the other's checkpoints."""
+    a, b = (os.path.realpath(os.fspath(d)) for d in (root, backup_dir))
+    if os.path.commonpath([a, b]) in (a, b):
+        raise InvalidArgumentError(
+            f"backup_dir {b} and root {a} must be separate directories, neither inside "
+            "the other"
+        )
 
 
 def _metadata(info: CheckpointInfo) -> dict[str, Any]:
@@ -478,7 +510,11 @@ def _check_step(step: Any, name: str, minimum: int = 0) -> int:
 
 
 def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    metrics = dict(metrics or {})
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise InvalidArgumentError(f"metrics must be a mapping of name to value, got {metrics!r}")
+    metrics = dict(metrics)
     bad = [k for k in metrics if not isinstance(k, str)]
     if bad:
         raise InvalidArgumentError(f"metric names must be str, got {bad[:3]}")
@@ -486,6 +522,8 @@ def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _check_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    if not isinstance(tags, Iterable):
+        raise InvalidArgumentError(f"tags must be strings, got {tags!r}")
     tags = (tags,) if isinstance(tags, str) else tuple(tags)
     if not all(isinstance(t, str) for t in tags):
         raise InvalidArgumentError(f"tags must be strings, got {tags!r}")

@@ -7,10 +7,9 @@ what is on disk.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, Protocol
 
 from .errors import InvalidArgumentError
@@ -23,6 +22,17 @@ class Entry(Protocol):
     time: float
     metrics: dict[str, Any]
     tags: tuple[str, ...]
+
+
+def metric_value(metrics: dict[str, Any], name: str) -> Real | None:
+    """``metrics[name]`` as a number to rank by, or None when it is missing, not a
+    real number, or NaN. An int stays an int: one too large for a float (a Python
+    int has no bound) still compares exactly with floats, where converting it
+    would raise ``OverflowError``."""
+    v = metrics.get(name)
+    if isinstance(v, bool) or not isinstance(v, Real) or v != v:  # v != v: NaN
+        return None
+    return int(v) if isinstance(v, Integral) else float(v)
 
 
 def _positive(name: str, v: Any, kind: type = int) -> None:
@@ -63,22 +73,21 @@ class RetentionPolicy:
         if not isinstance(self.metric, str):
             raise InvalidArgumentError(f"metric must be a str, got {self.metric!r}")
 
-    def value(self, metrics: dict[str, Any]) -> float | None:
-        """The ranking metric as a float, or None when it is missing, not a real
-        number, or NaN (such a checkpoint is never ranked, so never "best")."""
-        v = metrics.get(self.metric)
-        if isinstance(v, bool) or not isinstance(v, Real) or math.isnan(v):
-            return None
-        return float(v)
+    def value(self, metrics: dict[str, Any]) -> Real | None:
+        """The ranking metric (see :func:`metric_value`), or None when it is missing,
+        not a real number, or NaN (such a checkpoint is never ranked, so never
+        "best")."""
+        return metric_value(metrics, self.metric)
 
     def ranked(self, entries: Iterable[Entry]) -> list[Entry]:
         """Entries holding the metric, best first; among equals the later step first."""
         scored = [(self.value(e.metrics), e) for e in entries]
-        sign = 1.0 if self.mode == "min" else -1.0
-        scored = [(sign * v, -e.step, e) for v, e in scored if v is not None]
+        # Negated rather than scaled by -1.0, which would turn a huge int into a float.
+        scored = [(v if self.mode == "min" else -v, -e.step, e)
+                  for v, e in scored if v is not None]
         return [e for *_, e in sorted(scored, key=lambda s: s[:2])]
 
-    def improves(self, value: float, entries: Iterable[Entry]) -> bool:
+    def improves(self, value: Real, entries: Iterable[Entry]) -> bool:
         """True if ``value`` is strictly better than every ranked entry's."""
         ranked = self.ranked(entries)
         if not ranked:

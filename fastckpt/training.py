@@ -111,10 +111,21 @@ class TrainingState:
 
     def rank_state_dict(self) -> dict[str, Any]:
         """This process's own part of the state (keys :data:`RANK_KEYS`): every RNG
-        (also at the start of the epoch) and the data loader's position."""
+        (also at the start of the epoch) and the data loader's position.
+
+        Between :meth:`load_state_dict` and the next :meth:`iterate` it is the loaded
+        resume point itself, so that a checkpoint taken then (say, just after a
+        restart) resumes the same epoch at the same batch.
+        """
+        if self._resume is not None:
+            # iterate() has yet to replay the epoch: these RNG states, not the
+            # generators' current ones, are where training goes on from.
+            start, now = self._resume
+        else:
+            start, now = self._epoch_start_rng, rng.capture(self._generators())
         return {
-            "rng": rng.capture(self._generators()),
-            "epoch_start_rng": self._epoch_start_rng,
+            "rng": now,
+            "epoch_start_rng": start,
             "loader": [p.state_dict() for p in _stateful_parts(self.loader)],
             "batch_index": self.batch_index,
         }

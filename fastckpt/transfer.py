@@ -25,10 +25,10 @@ def copy_checkpoint(src: str, dest: str) -> str:
         raise CheckpointError(f"{src} was saved without checksums; a copy cannot be verified")
     dest = os.path.abspath(os.fspath(dest))
     commit.check_replaceable(dest)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    commit.recover(dest)
     tmp = commit.sibling(dest, commit.TMP_TAG)
     try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        commit.recover(dest)
         os.mkdir(tmp, 0o755)
         # The manifest last: the copy is a checkpoint only once it is complete.
         for name in [s.file for s in m.shards] + [mf.MANIFEST_NAME]:
@@ -51,17 +51,27 @@ def copy_checkpoint(src: str, dest: str) -> str:
 
 def detach(path: str) -> str:
     """Take the checkpoint directory ``path`` away from its name, atomically, and
-    return where it now is: a temporary sibling for the caller to delete. A crash
-    before that leaves no damaged checkpoint under the name, only a leftover that
-    ``commit.recover`` cleans once this process is gone."""
+    return where it now is: a temporary sibling for the caller to :func:`discard`. A
+    crash before that leaves no damaged checkpoint under the name, only a leftover
+    that ``Catalog.clean`` removes once this process is gone."""
     trash = commit.sibling(path, commit.TMP_TAG)
     os.rename(path, trash)
     return trash
 
 
+def discard(trash: str) -> None:
+    """Delete what :func:`detach` returned. A checkpoint that was a symbolic link to
+    a directory elsewhere loses only the link: the directory it points to is not
+    this root's to delete."""
+    if os.path.islink(trash):
+        os.unlink(trash)
+    else:
+        shutil.rmtree(trash)
+
+
 def remove_checkpoint(path: str) -> None:
     """Delete the checkpoint directory ``path`` (see :func:`detach`)."""
-    shutil.rmtree(detach(path))
+    discard(detach(path))
 
 
 def _copy_file(src: str, dst: str) -> None:

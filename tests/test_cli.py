@@ -92,6 +92,42 @@ def test_info_summarises_and_lists_tensors(ckpts, capsys):
     assert json.loads(capsys.readouterr().out)["compression_ratio"] > 10  # zeros and ones
 
 
+# Two gloo ranks save one checkpoint whose "emb" is stored as one piece per rank.
+SAVE_BY_TWO_RANKS = """
+import sys, torch, torch.distributed as dist
+import fastckpt
+from fastckpt.dist import Sharded
+rank, d = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=rank, world_size=2)
+full = torch.arange(60, dtype=torch.float32).reshape(10, 6)
+fastckpt.save({"emb": Sharded.chunk(full, 0, rank, 2), "x": torch.ones(3)},
+              f"{d}/ckpt").wait(timeout=60)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_info_lists_a_tensor_saved_in_pieces(tmp_path, capsys):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ranks = [subprocess.Popen([sys.executable, "-c", SAVE_BY_TWO_RANKS, str(r), str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+             for r in range(2)]
+    for p in ranks:
+        out = p.communicate(timeout=120)[0]
+        assert p.returncode == 0, out.decode(errors="replace")
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(["info", str(ckpt), "--tensors", "--json"]) == 0
+    rows = {t["key"]: t for t in json.loads(capsys.readouterr().out)["tensor_list"]}
+    emb = rows["emb"]
+    assert (emb["dtype"], emb["shape"], emb["nbytes"]) == ("float32", [10, 6], 240)
+    assert emb["stored_bytes"] == 240 and len(emb["stored_as"]) == 2
+    assert rows["x"]["shape"] == [3]
+    assert cli.main(["info", str(ckpt), "--tensors"]) == 0
+    assert any(line.split()[:3] == ["emb", "float32", "10x6"]
+               for line in capsys.readouterr().out.splitlines())
+    assert cli.main(["diff", str(ckpt), str(ckpt)]) == 0  # identical, pieces and all
+
+
 def test_verify_exit_status_and_one_line_per_problem(ckpts, capsys):
     good, bad = ckpts / "run" / "step_00000100", ckpts / "damaged"
     r = run_cli("verify", good, bad)
@@ -201,6 +237,87 @@ def test_gc_dry_run_then_delete(ckpts, tmp_path, capsys):
     assert cli.main(["gc", str(root), "--keep-last", "1", "--yes"]) == 0
     assert sorted(p.name for p in root.iterdir()) == ["step_00000100", "step_00000300"]
     assert cli.main(["gc", str(root)]) == 1  # nothing said about what to keep
+
+
+def test_verify_needs_a_worker(ckpts, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["verify", str(ckpts / "run" / "step_00000100"), "--workers", "0"])
+    assert e.value.code == 2
+    assert "--workers" in capsys.readouterr().err
+
+
+def strict_json(text):
+    """Parse JSON as any other parser would: no NaN or Infinity."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_has_no_nan(tmp_path, capsys):
+    root = tmp_path / "run"
+    root.mkdir()
+    for step, loss in ((1, float("nan")), (2, float("inf"))):
+        t = torch.tensor([float(step), loss])
+        fastckpt.save({"t": t}, root / f"step_{step:08d}",
+                      metadata={"step": step, "metrics": {"val_loss": loss}}).wait()
+    assert cli.main(["ls", str(root), "--json"]) == 0
+    entries = strict_json(capsys.readouterr().out)
+    assert [e["metrics"]["val_loss"] for e in entries] == [None, None]
+    assert cli.main(["diff", str(root / "step_00000001"), str(root / "step_00000002"),
+                     "--json"]) == 1
+    assert strict_json(capsys.readouterr().out)["values"][0]["max_abs_diff"] is None
+
+
+def test_ls_and_gc_take_steps_as_the_manager_files_them(tmp_path, capsys):
+    root = tmp_path / "run"
+    with fastckpt.CheckpointManager(root) as m:
+        for step in (100, 200):
+            m.save(step, {"x": torch.ones(3) * step}, metrics={"val_loss": 1 / step})
+    # Filed as step 300 by its name, though its metadata says step 3.
+    fastckpt.save({"x": torch.ones(3)}, root / "step_00000300",
+                  metadata={"step": 3, "metrics": {"val_loss": 1.0}}).wait()
+    fastckpt.save({"w": torch.zeros(2)}, root / "pretrained").wait()  # no step at all
+    assert cli.main(["ls", str(root), "--json"]) == 0
+    entries = strict_json(capsys.readouterr().out)
+    assert [(e["step"], os.path.basename(e["path"])) for e in entries] == [
+        (100, "step_00000100"), (200, "step_00000200"), (300, "step_00000300"),
+        (None, "pretrained")]
+    assert [e["is_latest"] for e in entries] == [False, False, True, False]
+
+    assert cli.main(["gc", str(root), "--keep-last", "1", "--yes"]) == 0
+    assert "no step" in capsys.readouterr().out
+    assert sorted(os.listdir(root)) == ["fastckpt-index.json", "pretrained", "step_00000300"]
+    with fastckpt.CheckpointManager(root) as m:
+        assert m.latest().step == 300
+
+
+def test_ls_and_gc_survive_odd_metadata(tmp_path, capsys):
+    root = tmp_path / "run"
+    odd = {"step_00000001": {"step": 1, "time": "2024-01-01"},
+           "step_00000002": {"step": 2, "time": 1e300, "metrics": {"val_loss": 10**400}},
+           "step_00000003": {"step": 3, "time": float("nan"), "metrics": {"val_loss": 0.5}}}
+    root.mkdir()
+    for name, meta in odd.items():
+        fastckpt.save({"x": torch.ones(2)}, root / name, metadata=meta).wait()
+    assert cli.main(["ls", str(root)]) == 0
+    assert "3 checkpoints" in capsys.readouterr().out
+    assert cli.main(["ls", str(root), "--json", "--mode", "max"]) == 0
+    entries = strict_json(capsys.readouterr().out)
+    assert [e["is_best"] for e in entries] == [False, True, False]
+    assert entries[1]["metrics"]["val_loss"] == 10**400
+    assert cli.main(["gc", str(root), "--keep-best", "1", "--mode", "max", "--yes"]) == 0
+    assert sorted(os.listdir(root)) == ["step_00000002", "step_00000003"]
+
+
+def test_gc_removes_a_symlinked_step_not_its_target(ckpts, tmp_path, capsys):
+    root = tmp_path / "run"
+    root.mkdir()
+    os.symlink(ckpts / "run" / "step_00000200", root / "step_00000200")
+    shutil.copytree(ckpts / "run" / "step_00000300", root / "step_00000300")
+    assert cli.main(["gc", str(root), "--keep-last", "1", "--yes"]) == 0
+    assert "deleted 1 of 2" in capsys.readouterr().out
+    assert os.listdir(root) == ["step_00000300"]  # no hidden leftover either
+    assert fastckpt.verify(ckpts / "run" / "step_00000200").ok
 
 
 @pytest.mark.parametrize("command", ["ls", "info", "verify", "diff", "convert", "gc", "bench"])

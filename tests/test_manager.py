@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 
 import pytest
 import torch
@@ -240,6 +241,18 @@ def test_step_in_flight_cannot_be_saved_again(manager, monkeypatch):
     handle.wait(timeout=WAIT)
 
 
+def test_step_is_free_once_its_handle_is_done(manager):
+    m = manager()
+    # Holding the manager's lock keeps its housekeeping from running after each commit:
+    # what a caller may meet right after wait() returns.
+    with m._lock:
+        m.save(1, state(1)).wait(timeout=WAIT)
+        m.save(1, state(10), force=True).wait(timeout=WAIT)
+        m.delete(1)
+    m.wait(timeout=WAIT)
+    assert steps(m) == [] and on_disk(m) == []
+
+
 def test_root_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("not a directory")
@@ -261,6 +274,25 @@ def test_bad_step(manager):
     for bad in (-1, 1.5, True, "3"):
         with pytest.raises(fastckpt.InvalidArgumentError):
             m.save(bad, state(0))
+
+
+def test_bad_metrics_and_tags(manager):
+    m = manager()
+    with pytest.raises(fastckpt.InvalidArgumentError, match="metrics must be a mapping"):
+        m.save(1, state(1), metrics="val_loss")
+    with pytest.raises(fastckpt.InvalidArgumentError, match="tags must be strings"):
+        m.save(1, state(1), tags=None)
+    assert on_disk(m) == []
+
+
+def test_huge_int_metric_ranks_exactly(tmp_path, manager):
+    save_all(manager(), {1: 10**400, 2: 0.5, 3: 10**400 + 1})
+    # Reopened (ranking on start) and ranked both ways: no OverflowError.
+    assert manager().best().step == 2
+    m = manager(mode="max", keep_best=1)
+    assert (m.best().step, m.summary()["latest"]) == (3, 3)
+    save_all(m, {4: 10**400 + 2})
+    assert steps(m) == [4]
 
 
 # -- restart, crash leftovers, hand edits -----------------------------------------------
@@ -308,6 +340,33 @@ def test_missing_or_damaged_index_is_rebuilt(tmp_path, manager):
     os.remove(root / INDEX_NAME)
     assert manager(root).best().step == 2
     assert (root / INDEX_NAME).exists()
+
+
+def test_symlinked_step_loses_only_its_link(tmp_path, manager):
+    outside = tmp_path / "outside"
+    fastckpt.save(state(1), outside, metadata={"step": 1}).wait(timeout=WAIT)
+    root = tmp_path / "root"
+    root.mkdir()
+    for step in (1, 2):
+        os.symlink(outside, root / f"step_{step:08d}")
+    m = manager(root, keep_last=1)
+    assert steps(m) == [1, 2]
+    m.delete(2)
+    save_all(m, {3: 0.1})  # retention removes step 1
+    assert sorted(os.listdir(root)) == [INDEX_NAME, "step_00000003"]  # no hidden leftover
+    assert fastckpt.verify(outside).ok
+
+
+def test_restart_removes_a_leftover_link(tmp_path, manager):
+    outside = tmp_path / "outside"
+    fastckpt.save(state(1), outside).wait(timeout=WAIT)
+    root = tmp_path / "root"
+    root.mkdir()
+    # What removing a symlinked step leaves when its process dies halfway.
+    os.symlink(outside, root / f".step_00000001{commit.TMP_TAG}{dead_pid()}-0123456789ab")
+    manager(root)
+    assert os.listdir(root) == []
+    assert fastckpt.verify(outside).ok
 
 
 def test_checkpoint_deleted_by_hand(manager):
@@ -394,6 +453,37 @@ def test_export_and_import_are_verified(tmp_path, manager):
     assert steps(other) == [2, 7]
 
 
+def test_import_checks_the_recorded_step_before_copying(tmp_path, manager):
+    m = manager()
+    for i, recorded in enumerate((-5, "7", None)):
+        src = tmp_path / f"src{i}"
+        fastckpt.save(state(1), src, metadata={"step": recorded}).wait(timeout=WAIT)
+        with pytest.raises(fastckpt.InvalidArgumentError, match="src"):
+            m.import_(src)
+    assert os.listdir(m.root) == []  # no stray directory
+
+
+def test_metadata_time_that_is_not_a_number(tmp_path, manager):
+    src = tmp_path / "src"
+    fastckpt.save(state(5), src, metadata={"step": 5, "time": "2024-01-01"}).wait(timeout=WAIT)
+    before = time.time()
+    m = manager()
+    assert m.import_(src).step == 5
+    [info] = m.list()
+    assert isinstance(info.time, float) and before - 60 < info.time <= time.time()
+
+
+def test_copies_to_a_path_under_a_file(tmp_path, manager):
+    m = manager()
+    save_all(m, {1: 0.1})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(fastckpt.CheckpointWriteError, match="file"):
+        m.export(1, tmp_path / "file" / "dest")
+    with pytest.raises(fastckpt.CheckpointWriteError, match="file"):
+        m.export_for_inference(1, tmp_path / "file" / "dest")
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def test_export_of_a_damaged_checkpoint_fails_cleanly(tmp_path, manager):
     m = manager()
     save_all(m, {1: 0.1})
@@ -416,6 +506,18 @@ def test_backup_dir_mirrors_the_best(tmp_path, manager):
         "step_00000002", "step_00000004"]
     for name in ("step_00000002", "step_00000004"):
         assert fastckpt.verify(backup / name).ok
+
+
+@pytest.mark.parametrize("where", ["same", "slash", "inside", "outside", "link"])
+def test_backup_dir_apart_from_root(tmp_path, manager, where):
+    root = tmp_path / "run"
+    save_all(manager(root), {1: 0.5})
+    os.symlink(root, tmp_path / "link")
+    backup = {"same": root, "slash": f"{root}/", "inside": root / "best",
+              "outside": tmp_path, "link": tmp_path / "link"}[where]
+    with pytest.raises(fastckpt.InvalidArgumentError, match="backup_dir"):
+        fastckpt.CheckpointManager(root, keep_best=1, backup_dir=backup)
+    assert sorted(os.listdir(root)) == [INDEX_NAME, "step_00000001"]
 
 
 # -- export for inference -----------------------------------------------------------
@@ -477,6 +579,15 @@ def test_export_for_inference_sharded_and_ema(tmp_path, manager):
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in expected.values())
+
+
+def test_export_for_inference_bad_shard_size(tmp_path, manager):
+    m = manager()
+    m.save(1, {"model": {"w": torch.ones(2)}}).wait(timeout=WAIT)
+    for bad in (0, -1, "5GB"):
+        with pytest.raises(fastckpt.InvalidArgumentError, match="max_shard_size"):
+            m.export_for_inference(1, tmp_path / "deploy", max_shard_size=bad)
+    assert not os.path.exists(tmp_path / "deploy")
 
 
 def test_export_for_inference_without_weights(tmp_path, manager):
