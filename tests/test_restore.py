@@ -1,11 +1,13 @@
 """Restore paths: lazy access, pread vs mmap, native vs fallback, in-place, asyncio."""
 
 import asyncio
+import copy
 import os
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_same
@@ -121,6 +123,134 @@ def test_load_into_mismatch_is_reported(ckpt):
     assert torch.equal(ok["a"], torch.zeros(3))
 
 
+def test_load_into_optimizer_at_root(ckpt):
+    opt = _trained(_model())
+    fastckpt.save(opt.state_dict(), ckpt).wait(timeout=60)
+    fresh = torch.optim.Adam(_model().parameters(), lr=5.0)  # never stepped
+    assert fastckpt.load_into(ckpt, fresh).ok
+    assert_same(opt.state_dict(), fresh.state_dict())
+
+
+def _step(model, opt):
+    model(torch.randn(4, 32)).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _sgd(params, stepped_model=None):
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    if stepped_model is not None:
+        _step(stepped_model, opt)
+    return opt
+
+
+def _stepped_adam(model):
+    opt = torch.optim.Adam(model.parameters())
+    _step(model, opt)
+    return opt
+
+
+# What the checkpoint holds besides the model, the optimizer the target has, and the
+# error that names it.
+_OPTIMIZER_MISFITS = {
+    "absent": (lambda m: None, lambda m: _sgd(m.parameters()), "missing: opt$"),
+    "groups": (lambda m: _sgd([m[0].weight], m), lambda m: _sgd(m.parameters()),
+               "mismatched: opt \\(the optimizer refuses the saved state: ValueError"),
+    "class": (lambda m: _sgd(m.parameters(), m), lambda m: torch.optim.Adam(m.parameters()),
+              "mismatched: opt \\(the optimizer refuses the saved state: KeyError: 'step'"),
+    "stepped class": (lambda m: _sgd(m.parameters(), m), _stepped_adam,
+                      "missing: opt/state/0/step.*mismatched: opt \\(its saved state has"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_OPTIMIZER_MISFITS))
+def test_load_into_optimizer_misfit_modifies_nothing(ckpt, case):
+    saved_opt, make_target, error = _OPTIMIZER_MISFITS[case]
+    src = _model()
+    for p in src.parameters():
+        p.data.add_(1.0)
+    opt = saved_opt(src)
+    state = {"model": src.state_dict()} | ({} if opt is None else {"opt": opt.state_dict()})
+    fastckpt.save(state, ckpt).wait(timeout=60)
+    dst = _model()
+    dst_opt = make_target(dst)
+    before = copy.deepcopy(dst.state_dict())
+    opt_before = copy.deepcopy(dst_opt.state_dict())
+    with pytest.raises(fastckpt.CheckpointError, match=error):
+        fastckpt.load_into(ckpt, {"model": dst, "opt": dst_opt})
+    assert_same(before, dst.state_dict())  # raised before anything was modified
+    assert_same(opt_before, dst_opt.state_dict())
+    report = fastckpt.load_into(ckpt, {"model": dst, "opt": dst_opt}, strict=False)
+    assert "opt" in [m.split(" ")[0] for m in report.missing + report.mismatched]
+    assert_same(src.state_dict(), dst.state_dict())  # the model loads, the optimizer not
+    assert_same(opt_before, dst_opt.state_dict())
+
+
+def _narrow_model():
+    """``_model()`` with a last layer of another shape: parameters 4 and 5 differ."""
+    model = _model()
+    model[2] = torch.nn.Linear(64, 4)
+    return model
+
+
+def test_load_into_mismatched_optimizer_state_is_not_loaded(ckpt):
+    """Under strict=False a parameter's optimizer state loads whole or not at all:
+    where it does not fit, a stepped optimizer keeps its own, a fresh one gets none."""
+    src = _model()
+    opt = _trained(src)  # two steps
+    fastckpt.save({"model": src.state_dict(), "opt": opt.state_dict()}, ckpt).wait(timeout=60)
+    saved = opt.state_dict()["state"]
+
+    dst = _narrow_model()
+    dst_opt = _stepped_adam(dst)  # one step: its state has the new shapes
+    params = list(dst.parameters())
+    kept = {i: {k: v.clone() for k, v in dst_opt.state[params[i]].items()} for i in (4, 5)}
+    # The optimizer alone: only its own state tells which parameters do not fit.
+    report = fastckpt.load_into(ckpt, {"opt": dst_opt}, strict=False)
+    assert "opt/state/4/exp_avg" in " ".join(report.mismatched)
+    for i in range(4):
+        assert_same(saved[i], dst_opt.state[params[i]])
+    for i in (4, 5):  # its own state, step count included
+        assert_same(kept[i], dst_opt.state[params[i]])
+    _step(dst, dst_opt)
+
+    fresh_model = _narrow_model()
+    fresh = torch.optim.Adam(fresh_model.parameters())
+    report = fastckpt.load_into(ckpt, {"model": fresh_model, "opt": fresh}, strict=False)
+    assert "opt/state/4 (state of a mismatched parameter)" in report.mismatched
+    params = list(fresh_model.parameters())
+    for i in range(4):
+        assert_same(saved[i], fresh.state[params[i]])
+    assert params[4] not in fresh.state and params[5] not in fresh.state
+    _step(fresh_model, fresh)
+
+
+def test_load_into_meta_target_is_mismatched(ckpt):
+    fastckpt.save(torch.nn.Linear(4, 4).state_dict(), ckpt).wait(timeout=60)
+    with torch.device("meta"):
+        dst = torch.nn.Linear(4, 4)
+    with pytest.raises(fastckpt.CheckpointError, match="weight \\(target is on the meta"):
+        fastckpt.load_into(ckpt, dst)
+    report = fastckpt.load_into(ckpt, dst, strict=False)
+    assert [m.split(" ")[0] for m in report.mismatched] == ["weight", "bias"]
+    assert report.loaded == 0
+
+
+def test_load_into_numpy_arrays_in_place(ckpt):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    fastckpt.save({"t": a, "s": np.arange(5.0)}, ckpt).wait(timeout=60)
+    t = np.zeros((4, 3), np.float32).T  # not contiguous
+    base = np.full(10, -1.0)
+    assert fastckpt.load_into(ckpt, {"t": t, "s": base[::2]}).ok
+    assert np.array_equal(t, a)
+    assert np.array_equal(base[::2], np.arange(5.0)) and (base[1::2] == -1).all()
+    frozen = np.zeros((3, 4), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(fastckpt.InvalidArgumentError, match="'t' is read-only"):
+        fastckpt.load_into(ckpt, {"t": frozen, "s": np.zeros(5)})
+    assert not frozen.any()
+
+
 def test_load_into_peak_rss(tmp_path):
     """Restoring ~256 MB in place costs no second copy of the state in RAM: the peak
     RSS of a fresh process holding the target grows by at most 5% during the load."""
@@ -185,3 +315,17 @@ def test_native_flag_is_reported(monkeypatch):
     assert fastckpt.native_available() == os.path.exists(
         os.path.join(os.path.dirname(fastckpt.__file__), "_native" + ".so")
     ) or fastckpt.native_available() in (True, False)
+
+
+def test_load_into_refuses_key_paths_that_coincide(ckpt):
+    fastckpt.save({"a/b": torch.full((3,), 1.0), "a": {"b": torch.full((3,), 2.0)},
+                   "c": torch.ones(2)}, ckpt).wait(timeout=60)
+    x, y, c = torch.zeros(3), torch.zeros(3), torch.zeros(2)
+    with pytest.raises(fastckpt.InvalidArgumentError, match="share key paths"):
+        fastckpt.load_into(ckpt, {"a/b": x, "a": {"b": y}})
+    with pytest.raises(fastckpt.CheckpointError, match="several saved tensors"):
+        fastckpt.load_into(ckpt, {"a/b": x, "c": c})
+    assert not x.any() and not y.any() and not c.any()
+    report = fastckpt.load_into(ckpt, {"a/b": x, "c": c}, strict=False)
+    assert "several saved tensors" in str(report) and report.loaded == 1
+    assert not x.any() and torch.equal(c, torch.ones(2))
