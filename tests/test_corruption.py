@@ -13,7 +13,7 @@ import torch
 from conftest import data_start, edit_manifest, flip_bit, shards
 
 import fastckpt
-from fastckpt import manifest
+from fastckpt import manifest, reader
 from fastckpt.manifest import MANIFEST_NAME
 
 
@@ -202,6 +202,20 @@ def test_lying_manifest_read_lazily(ckpt, edit, like):
         fastckpt.load_into(ckpt, {"a": like}, strict=False)
     with pytest.raises(fastckpt.CorruptCheckpointError):
         fastckpt.load(ckpt)
+
+
+def test_lying_manifest_read_lazily_after_many_reads(ckpt):
+    """Past reader.HEADER_SEARCHES reads from one shard its header is parsed instead of
+    searched: a lie is still caught."""
+    n = reader.HEADER_SEARCHES + 8
+    fastckpt.save({f"t{i:03d}": torch.full((4,), float(i)) for i in range(n)},
+                  ckpt).wait(timeout=60)
+    edit_manifest(ckpt, lambda d: d["tensors"][f"t{n - 1:03d}"].update(shape=[2, 2]))
+    with fastckpt.open(ckpt) as r:
+        for i in range(n - 1):
+            assert r[f"t{i:03d}"][0] == i
+        with pytest.raises(fastckpt.CorruptCheckpointError, match="disagrees"):
+            r[f"t{n - 1:03d}"]
 
 
 def test_view_beyond_int64_is_refused(ckpt):
