@@ -213,15 +213,18 @@ class Checkpointer:
         this rank's own state; the checkpoint commits once, when all ranks are done.
         """
         t0 = time.perf_counter()
-        path = os.path.abspath(os.fspath(path))
-        kind = self.checksum if checksum is _UNSET else check_kind(checksum)
-        opts = self._compression(compression, compression_level)
         group = self.process_group if process_group is _UNSET else process_group
         with self._lock:
             self._check_open()
             scope = self._scope(group, per_rank)
             try:
                 scope.start()
+                # Arguments are checked inside: a rank refusing its own still takes
+                # part in the commit round (below), or the ranks would pair up rounds
+                # of different saves.
+                path = os.path.abspath(os.fspath(path))
+                kind = self.checksum if checksum is _UNSET else check_kind(checksum)
+                opts = self._compression(compression, compression_level)
                 self._raise_unreported()
                 plan = scope.plan(obj, per_rank, shard_size or self.shard_size,
                                   None if opts is None else codec.MIN_COMPRESS_BYTES)

@@ -512,7 +512,8 @@ def merge(reports: list, plan: RankPlan, kind: str | None, meta_tree: Any
           ) -> tuple[dict, list[tuple[str, str]]]:
     """The global manifest from every rank's report, and the renames that give the
     shards their global names (rank by rank, in each rank's order)."""
-    if len({rep["seq"] for rep in reports}) != 1:
+    # The directory's name holds the target path and the save's number on each rank.
+    if len({(rep["seq"], rep["tmp"]) for rep in reports}) != 1:
         raise CheckpointError("ranks are out of step: they are committing different saves")
     differ = [r for r, rep in enumerate(reports) if rep["signature"] != reports[0]["signature"]]
     if differ:

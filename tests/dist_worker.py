@@ -84,6 +84,14 @@ def scenario_save2(rank, world, d):
             assert rank == 1
         else:
             expect_failure(h, "rank 1", "UnsupportedTypeError")
+        # So does a rank whose arguments are refused.
+        try:
+            h = c.save(state(rank, world, step=3), path,
+                       compression="bogus" if rank == 1 else None)
+        except ValueError:
+            assert rank == 1
+        else:
+            expect_failure(h, "rank 1", "ValueError")
         r = c.save(state(rank, world, step=4), path, per_rank=mine).wait(60)
         assert r.num_tensors == 5 + 2 * world  # model, tied, a piece and rng per rank
     assert fastckpt.load(path)["step"] == 4
