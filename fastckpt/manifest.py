@@ -441,8 +441,8 @@ def _ref(r: Any, m: Manifest) -> None:
         and isinstance(stride, list)
         and len(shape) == len(stride)
         and all(_nat(x) for x in shape + stride)
-        # torch's sizes and strides are int64
-        and all(x < 2**63 for x in stride) and math.prod(shape) < 2**63,
+        # torch's sizes, strides and offsets are int64
+        and all(x < 2**63 for x in [off, *shape, *stride]) and math.prod(shape) < 2**63,
         f"bad view {view!r}",
     )
     # The view must stay inside its base, or as_strided would read foreign memory.
@@ -460,7 +460,8 @@ def _pieces_ref(r: dict, m: Manifest) -> None:
     so assembling it leaves no byte unwritten."""
     shape, pieces = r.get("shape"), r.get("pieces")
     _require(isinstance(r.get("path"), str), f"bad key path in {r.get('path')!r}")
-    _require(isinstance(shape, list) and all(_nat(d) for d in shape), f"bad shape in {r['path']!r}")
+    _require(isinstance(shape, list) and all(_nat(d) and d < 2**63 for d in shape)
+             and math.prod(shape) < 2**63, f"bad shape in {r['path']!r}")
     try:
         dtype_from_name(r.get("dtype"))
     except CorruptCheckpointError as e:

@@ -251,7 +251,7 @@ def _layout_shard(shard: ShardPlan, members: list[Stored]) -> None:
     # size: a header with that size everywhere is at least as long as the real one.
     bound = max(offset, 1)
     payloads = {s.name: (bound, 2 * bound) for s in members if s.compress}
-    align = DIRECT_ALIGN if offset >= DIRECT_MIN else 8
+    align = DIRECT_ALIGN if sum(s.nbytes for s in members) >= DIRECT_MIN else 8
     shard.header = shard_header(members, payloads, align=align)
 
 

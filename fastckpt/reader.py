@@ -64,25 +64,32 @@ class Shard:
     _map: Any = None
     _entries: dict | None = None
     _searches: int = 0
+    _matched: set = field(default_factory=set)  # tensors whose entry was found right
 
     def has_entry(self, name: str, want: dict) -> bool:
         """Whether the header describes tensor ``name`` with the fields of ``want``.
 
         A lazy read of one tensor should not parse a header of thousands: the entry
         is first looked for as fastckpt writes it (compact JSON, these fields in this
-        order), as a member of an object (after ``{`` or ``,``, which no JSON string
-        holds unescaped before a quote); any other header is parsed. So is one that
-        many tensors are read from: each search scans the header."""
+        order). The search is trusted only where the name occurs once as a key
+        (``"name":``, which no JSON string holds unescaped) and the entry follows
+        it; anything else (a key repeated, or nested in another object) is parsed.
+        So is a header that many tensors are read from: each search scans it."""
+        if name in self._matched:
+            return True
         self._searches += 1
+        found = False
         if self._entries is None and self._searches <= HEADER_SEARCHES:
-            text = json.dumps({name: want}, separators=(",", ":"))[1:-1].encode()
+            key = json.dumps(name).encode() + b":"
+            text = key + json.dumps(want, separators=(",", ":")).encode()
             at = self.header.find(text)
-            while at > 0:
-                if self.header[at - 1] in b"{,":
-                    return True
-                at = self.header.find(text, at + 1)
-        h = self.entries().get(name)
-        return isinstance(h, dict) and {k: h.get(k) for k in want} == want
+            found = at > 0 and self.header[at - 1] in b"{," and self.header.count(key) == 1
+        if not found:
+            h = self.entries().get(name)
+            found = isinstance(h, dict) and {k: h.get(k) for k in want} == want
+        if found:
+            self._matched.add(name)
+        return found
 
     def entries(self) -> dict:
         """The header's tensor entries, parsed once."""
@@ -270,16 +277,18 @@ class CheckpointReader:
         return self.manifest.metadata
 
     def keys(self) -> list[str]:
-        return list(self._paths())
+        """Key paths of the saved tensors, but for :attr:`ambiguous` ones."""
+        ambiguous = self.ambiguous
+        return [p for p in self._paths() if p not in ambiguous]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._paths())
+        return iter(self.keys())
 
     def __len__(self) -> int:
-        return len(self._paths())
+        return len(self._paths()) - len(self.ambiguous)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._paths()
+        return key in self._paths() and key not in self.ambiguous
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._ref_tensor(self._ref_of(key))
@@ -361,7 +370,8 @@ class CheckpointReader:
     def ambiguous(self) -> frozenset[str]:
         """Key paths shared by several tensors: a dict key holding ``/`` can spell
         the path of a nested key (``{"a/b": x, "a": {"b": y}}``), as can keys of
-        different types (``{0: x, "0": y}``). Reading one by path is refused."""
+        different types (``{0: x, "0": y}``). Reading one by path is refused, and
+        :meth:`keys` leaves them out; :meth:`load` restores them all."""
         self._paths()
         return self._ambiguous
 
@@ -507,6 +517,7 @@ class CheckpointReader:
 
     def load(self, map_location: Any = "cpu") -> Any:
         """Rebuild the saved object (see :func:`fastckpt.load`)."""
+        check_map_location(map_location)
         stored = self.load_stored()
         m = self.manifest
         for name, t in list(stored.items()):
@@ -640,7 +651,6 @@ def h2d_into(src: torch.Tensor, dst: torch.Tensor) -> None:
 def load(path: Any, map_location: Any = "cpu", mmap: bool = True, verify: bool = False,
          workers: int = 4) -> Any:
     """Load the checkpoint at ``path``; see :func:`fastckpt.load`."""
-    check_map_location(map_location)
     with CheckpointReader(path, mmap=mmap, verify=verify, workers=workers) as r:
         return r.load(map_location)
 

@@ -204,6 +204,27 @@ def test_lying_manifest_read_lazily(ckpt, edit, like):
         fastckpt.load(ckpt)
 
 
+def test_shard_header_entry_nested_elsewhere_is_not_taken(ckpt):
+    """The manifest's entry for 'a' copied into __metadata__ while the header's own
+    entry says otherwise: the lazy read must not take the nested copy for it."""
+    fastckpt.save({"a": torch.randn(16), "b": torch.arange(16, dtype=torch.int32)},
+                  ckpt).wait(timeout=60)
+    f = shards(ckpt)[0]
+    with open(f, "rb") as fh:
+        raw = fh.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"]["a"] = dict(header["a"])
+    header["a"]["dtype"] = "I32"
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-(8 + len(body)) % 8)
+    with open(f, "wb") as fh:
+        fh.write(len(body).to_bytes(8, "little") + body + raw[8 + n :])
+    edit_manifest(ckpt, lambda d: d["shards"][0].update(size=os.path.getsize(f)))
+    with fastckpt.open(ckpt) as r, pytest.raises(fastckpt.CorruptCheckpointError, match="'a'"):
+        r["a"]
+
+
 def test_lying_manifest_read_lazily_after_many_reads(ckpt):
     """Past reader.HEADER_SEARCHES reads from one shard its header is parsed instead of
     searched: a lie is still caught."""
@@ -218,10 +239,15 @@ def test_lying_manifest_read_lazily_after_many_reads(ckpt):
             r[f"t{n - 1:03d}"]
 
 
-def test_view_beyond_int64_is_refused(ckpt):
+@pytest.mark.parametrize("view", [
+    {"shape": [1], "stride": [2**63]},
+    {"shape": [0, 2**63], "stride": [1, 1]},
+    {"offset": 2**63, "shape": [0], "stride": [1]},
+])
+def test_view_beyond_int64_is_refused(ckpt, view):
     w = torch.randn(4, 4)
     fastckpt.save({"w": w, "row": w[1]}, ckpt).wait(timeout=60)
-    edit_manifest(ckpt, lambda d: d["refs"][1]["view"].update(shape=[1], stride=[2**63]))
+    edit_manifest(ckpt, lambda d: d["refs"][1]["view"].update(view))
     with fastckpt.open(ckpt) as r, pytest.raises(fastckpt.CorruptCheckpointError, match="bad view"):
         r["row"]
     with pytest.raises(fastckpt.CorruptCheckpointError, match="bad view"):

@@ -135,6 +135,7 @@ def test_keys_whose_paths_coincide(ckpt):
     assert_same(obj, roundtrip(obj, ckpt))
     with fastckpt.open(ckpt) as r:
         assert r.ambiguous == {"a/b", "0"}
+        assert r.keys() == ["c"] and "a/b" not in r and len(r) == 1
         for key in ("a/b", "0"):
             with pytest.raises(fastckpt.CheckpointError, match="names several tensors"):
                 r[key]
@@ -213,6 +214,8 @@ def test_bad_map_location_is_refused_before_reading(ckpt, where, error):
     fastckpt.save({"x": torch.ones(2)}, ckpt).wait(timeout=60)
     with pytest.raises(error, match="map_location"):
         fastckpt.load(ckpt, map_location=where)
+    with fastckpt.open(ckpt) as r, pytest.raises(error, match="map_location"):
+        r.load(where)
 
 
 def test_a_closed_reader_reads_no_more(ckpt):
