@@ -25,7 +25,7 @@ from numbers import Integral, Real
 from typing import Any
 
 from . import dist, export, reader, transfer
-from .catalog import Catalog, CheckpointInfo, read_info
+from .catalog import Catalog, CheckpointInfo, filed_step, read_info
 from .checkpointer import Checkpointer, PathLike, SaveHandle
 from .errors import (
     CheckpointError,
@@ -269,7 +269,10 @@ class CheckpointManager:
         have = self._backups.scan()
         for step, info in want.items():
             if step not in have or have[step].checksum != info.checksum:
-                transfer.copy_checkpoint(info.path, self._backups.path(step))
+                try:
+                    transfer.copy_checkpoint(info.path, self._backups.path(step))
+                except (CheckpointError, OSError) as e:  # e.g. deleted since the scan
+                    log.warning("backup of step %d in %s failed: %s", step, self.root, e)
         for step in set(have) - set(want):
             transfer.remove_checkpoint(have[step].path)
         self._backups.scan()
@@ -476,13 +479,16 @@ def _open_roots(root: PathLike, backup_dir: PathLike | None) -> tuple[str, str |
 
 
 def _check_apart(root: PathLike, backup_dir: PathLike) -> None:
-    """Refuse a backup directory that is the root, or inside it, or holds it: each
-    directory's retention would remove the other's checkpoints."""
+    """Refuse a backup directory that is the root, or a step directory of it (or the
+    root one of the backup's): each directory's retention would remove the other's
+    checkpoints. Other nestings are fine, as retention only touches step
+    directories right below its own directory."""
     a, b = (os.path.realpath(os.fspath(d)) for d in (root, backup_dir))
-    if os.path.commonpath([a, b]) in (a, b):
+    if a == b or any(os.path.dirname(x) == y and filed_step(os.path.basename(x)) is not None
+                     for x, y in ((a, b), (b, a))):
         raise InvalidArgumentError(
-            f"backup_dir {b} and root {a} must be separate directories, neither inside "
-            "the other"
+            f"backup_dir {b} and root {a} must not be the same directory, nor one a step "
+            "directory of the other"
         )
 
 

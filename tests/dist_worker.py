@@ -182,8 +182,10 @@ def scenario_dtensor(rank, world, d):
         dcp.save({**state, "step": 3}, storage_writer=w)
         dcp.async_save({**state, "step": 4}, storage_writer=w).result()
         # The same layout again: staged into the buffers the last async_save kept.
+        kept = w.state_dict_cache
         doubled = {k: v * 2 for k, v in state.items()}
         dcp.async_save({**doubled, "step": 5}, storage_writer=w).result()
+        assert w.state_dict_cache is kept
     target = {"w": distribute_tensor(torch.zeros(8, 5), mesh, [Shard(1)]),
               "r": distribute_tensor(torch.zeros(5), mesh, [Replicate()]), "step": 0}
     dcp.load(target, storage_reader=Reader(path, verify=True))

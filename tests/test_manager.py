@@ -13,7 +13,7 @@ from faults import ENOSPC, FaultyOS, always
 from safetensors.torch import load_file
 
 import fastckpt
-from fastckpt import commit, writer
+from fastckpt import commit, transfer, writer
 from fastckpt.catalog import INDEX_NAME
 from fastckpt.retention import RetentionPolicy
 
@@ -508,16 +508,47 @@ def test_backup_dir_mirrors_the_best(tmp_path, manager):
         assert fastckpt.verify(backup / name).ok
 
 
-@pytest.mark.parametrize("where", ["same", "slash", "inside", "outside", "link"])
+@pytest.mark.parametrize("where", ["same", "slash", "link", "step"])
 def test_backup_dir_apart_from_root(tmp_path, manager, where):
     root = tmp_path / "run"
     save_all(manager(root), {1: 0.5})
     os.symlink(root, tmp_path / "link")
-    backup = {"same": root, "slash": f"{root}/", "inside": root / "best",
-              "outside": tmp_path, "link": tmp_path / "link"}[where]
+    backup = {"same": root, "slash": f"{root}/", "link": tmp_path / "link",
+              "step": root / "step_00000009"}[where]
     with pytest.raises(fastckpt.InvalidArgumentError, match="backup_dir"):
         fastckpt.CheckpointManager(root, keep_best=1, backup_dir=backup)
     assert sorted(os.listdir(root)) == [INDEX_NAME, "step_00000001"]
+
+
+def test_backup_of_a_step_deleted_meanwhile_is_skipped(tmp_path, manager, monkeypatch, caplog):
+    """A step deleted between housekeeping's scan and its backup copy (delete() is
+    allowed once the save's handle is done): the other backups are still made."""
+    backup = tmp_path / "backup"
+    m = manager(keep_best=2, backup_dir=backup)
+    real = transfer.copy_checkpoint
+
+    def deleted_meanwhile(src, dest):
+        if src.endswith("step_00000002"):
+            shutil.rmtree(src)
+        return real(src, dest)
+
+    monkeypatch.setattr(transfer, "copy_checkpoint", deleted_meanwhile)
+    with caplog.at_level("WARNING", logger="fastckpt"):
+        save_all(m, {1: 0.5})
+        save_all(m, {2: 0.3}, force=True)
+    assert "backup of step 2" in caplog.text
+    assert sorted(e for e in os.listdir(backup) if e.startswith("step_")) == ["step_00000001"]
+
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_backup_dir_nested_in_or_around_the_root(tmp_path, manager, where):
+    root = tmp_path / "run"
+    backup = {"inside": root / "best", "outside": tmp_path}[where]
+    m = manager(root, keep_last=1, keep_best=2, backup_dir=backup)
+    save_all(m, {1: 0.5, 2: 0.3, 3: 0.9, 4: 0.1})
+    assert [i.step for i in m.list()] == [2, 4]  # the two best, the latest among them
+    assert sorted(e for e in os.listdir(backup) if e.startswith("step_")) == [
+        "step_00000002", "step_00000004"]
 
 
 # -- export for inference -----------------------------------------------------------
