@@ -27,7 +27,7 @@ from . import __version__, commit, convert, reader, transfer
 from . import manifest as mf
 from .catalog import CheckpointInfo, filed_step, read_info
 from .errors import CheckpointError, CheckpointNotFoundError
-from .retention import metric_value
+from .retention import rank
 from .tree import dtype_from_name
 
 KEEP_TAG = "keep"  # checkpoints tagged so are never pruned
@@ -149,14 +149,6 @@ def _read_entry(path: str) -> Entry:
     return info
 
 
-def ranked(entries: Sequence[Entry], metric: str, mode: str) -> list[Entry]:
-    """Entries holding ``metric``, best first (the later step first among equals)."""
-    # Negated rather than scaled by -1.0, which would turn a huge int into a float.
-    scored = [(v if mode == "min" else -v, -(e.step or 0), i) for i, e in enumerate(entries)
-              if (v := metric_value(e.metrics, metric)) is not None]
-    return [entries[i] for *_, i in sorted(scored)]
-
-
 def scan(root: str, metric: str = "val_loss", mode: str = "min") -> list[Entry]:
     """The committed checkpoints directly under ``root``, oldest first (those with no
     step last), with the best (by ``metric``) and the latest (the highest step; one
@@ -173,7 +165,7 @@ def scan(root: str, metric: str = "val_loss", mode: str = "min") -> list[Entry]:
         except CheckpointError as e:
             print(f"fastckpt: warning: skipping {path}: {e}", file=sys.stderr)
     found.sort(key=lambda e: (e.step is None, e.step or 0, e.time))
-    best = ranked(found, metric, mode)
+    best = rank(found, metric, mode)
     best_path = best[0].path if best else None
     stepped = [e for e in found if e.step is not None]
     latest = stepped[-1].path if stepped else None
@@ -190,7 +182,7 @@ def keep_set(entries: Sequence[Entry], keep_last: int | None, keep_best: int | N
     stepped = [e for e in entries if e.step is not None]
     for e in stepped[-(keep_last or 1):]:
         why.setdefault(e.path, []).append("latest" if e.is_latest else "recent")
-    for e in ranked(entries, metric, mode)[: keep_best or 0]:
+    for e in rank(entries, metric, mode)[: keep_best or 0]:
         why.setdefault(e.path, []).append(f"best {metric}")
     for e in entries:
         if KEEP_TAG in e.tags:

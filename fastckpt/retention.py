@@ -35,6 +35,17 @@ def metric_value(metrics: dict[str, Any], name: str) -> Real | None:
     return int(v) if isinstance(v, Integral) else float(v)
 
 
+def rank(entries: Iterable[Entry], metric: str, mode: str) -> list[Entry]:
+    """Entries holding ``metric`` (see :func:`metric_value`), best first by ``mode``
+    (``"min"`` or ``"max"``); among equals the later step first, an entry without a
+    step counting as step 0, then the earlier listed."""
+    entries = list(entries)
+    # Negated rather than scaled by -1.0, which would turn a huge int into a float.
+    scored = [(v if mode == "min" else -v, -(e.step or 0), i) for i, e in enumerate(entries)
+              if (v := metric_value(e.metrics, metric)) is not None]
+    return [entries[i] for *_, i in sorted(scored)]
+
+
 def _positive(name: str, v: Any, kind: type = int) -> None:
     if v is not None and (isinstance(v, bool) or not isinstance(v, kind) or v <= 0):
         raise InvalidArgumentError(f"{name} must be a positive {kind.__name__} or None, got {v!r}")
@@ -81,11 +92,7 @@ class RetentionPolicy:
 
     def ranked(self, entries: Iterable[Entry]) -> list[Entry]:
         """Entries holding the metric, best first; among equals the later step first."""
-        scored = [(self.value(e.metrics), e) for e in entries]
-        # Negated rather than scaled by -1.0, which would turn a huge int into a float.
-        scored = [(v if self.mode == "min" else -v, -e.step, e)
-                  for v, e in scored if v is not None]
-        return [e for *_, e in sorted(scored, key=lambda s: s[:2])]
+        return rank(entries, self.metric, self.mode)
 
     def improves(self, value: Real, entries: Iterable[Entry]) -> bool:
         """True if ``value`` is strictly better than every ranked entry's."""
