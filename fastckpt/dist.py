@@ -45,6 +45,7 @@ from .errors import CheckpointError, CheckpointWriteError, UnsupportedTypeError
 from .plan import (
     Plan,
     Stored,
+    StoredNames,
     assign_shards,
     dedupe,
     manifest_tensor,
@@ -198,15 +199,18 @@ def plan_rank(obj: Any, per_rank: Any, rank: int, world: int, shard_size: int,
         refs[i] = r
     owner = _owners(replicated, world)
     mine = [s for s in replicated if owner[s.name] == rank]
+    # This rank's own names (blocks, per-rank state) must not take a replicated one,
+    # whichever rank writes it, nor each other's: "x@rank0" may be a key too.
+    names = StoredNames(s.name for s in replicated)
     pieces = {}
     for i, p in enumerate(flat.paths):
         if p in found:
-            pieces[p] = _piece(found[p], p, i, rank, mine)
+            pieces[p] = _piece(found[p], p, i, rank, mine, names)
     plan = RankPlan(flat, mine, refs, [], rank, replicated, pieces)
     if per_rank is not None:
         own = flatten(per_rank)
         paths = [key_path(rank_prefix(rank), p) for p in own.paths]
-        stored, plan.rank_refs = dedupe(Flat(None, own.tensors, paths))
+        stored, plan.rank_refs = dedupe(Flat(None, own.tensors, paths), names)
         mine.extend(stored)
         plan.rank_tree = own.tree
     mark_compressed(mine, compress_min)
@@ -215,14 +219,15 @@ def plan_rank(obj: Any, per_rank: Any, rank: int, world: int, shard_size: int,
     return plan
 
 
-def _piece(s: Sharded, path: str, index: int, rank: int, mine: list[Stored]) -> dict:
+def _piece(s: Sharded, path: str, index: int, rank: int, mine: list[Stored],
+           names: StoredNames) -> dict:
     if len(s.offsets) != s.local.dim() or len(s.global_shape) != s.local.dim():
         raise UnsupportedTypeError(f"sharded tensor at {path!r}: offsets and global shape "
                                    f"must have one entry per dimension of the local block")
     entry = {"index": index, "dtype": dtype_name(s.local.dtype), "shape": list(s.global_shape),
              "offset": list(s.offsets), "tensor": None}
     if s.write and s.local.numel():
-        entry["tensor"] = f"{path}@rank{rank}"
+        entry["tensor"] = names(f"{path}@rank{rank}")
         mine.append(Stored(entry["tensor"], s.local.detach()))
     return entry
 

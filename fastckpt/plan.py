@@ -128,14 +128,15 @@ def _storage_key(t: torch.Tensor) -> Any:
     return (t.device, ptr) if ptr else None
 
 
-def dedupe(flat: Flat) -> tuple[list[Stored], list[dict]]:
+def dedupe(flat: Flat, names: StoredNames | None = None) -> tuple[list[Stored], list[dict]]:
     """The tensors to store (storage shared by several tensors once, named after the
-    first key path using it) and, per tensor of ``flat``, its manifest reference."""
+    first key path using it, unique among ``names``) and, per tensor of ``flat``, its
+    manifest reference."""
     groups: dict[Any, list[int]] = {}
     for i, (t, p) in enumerate(zip(flat.tensors, flat.paths, strict=True)):
         check_tensor(t, p)
         groups.setdefault(_storage_key(t) or ("unique", i), []).append(i)
-    names = _Names()
+    names = names or StoredNames()
     stored: list[Stored] = []
     refs: list[dict] = [{}] * len(flat.tensors)
     for idx in groups.values():
@@ -143,11 +144,11 @@ def dedupe(flat: Flat) -> tuple[list[Stored], list[dict]]:
     return stored, refs
 
 
-class _Names:
-    """Unique stored-tensor names derived from key paths."""
+class StoredNames:
+    """Unique stored-tensor names derived from key paths (``used``: names taken)."""
 
-    def __init__(self) -> None:
-        self.used: set[str] = set()
+    def __init__(self, used: Any = ()) -> None:
+        self.used: set[str] = set(used)
 
     def __call__(self, path: str) -> str:
         name, n = path or "<root>", 1
@@ -162,7 +163,7 @@ def _layout(t: torch.Tensor) -> tuple:
     return (t.dtype, t.storage_offset(), tuple(t.shape), t.stride())
 
 
-def _store_group(flat: Flat, idx: list[int], names: _Names, stored: list, refs: list) -> None:
+def _store_group(flat: Flat, idx: list[int], names: StoredNames, stored: list, refs: list) -> None:
     ts = [flat.tensors[i] for i in idx]
     if len({_layout(t) for t in ts}) == 1:  # one tensor, or the same one several times
         s = Stored(names(flat.paths[idx[0]]), ts[0])

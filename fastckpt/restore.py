@@ -156,6 +156,11 @@ def _match(reader: CheckpointReader, live: dict[str, torch.Tensor], lazy: list[s
             continue
         shape, dtype = _saved_shape(reader.manifest, ref)
         want = tuple(regions[p][1]) if p in regions else tuple(dst.shape)
+        if p in regions and not _inside(regions[p][0], dst.shape, want):
+            report.mismatched.append(f"{p} (target block of {list(dst.shape)} at "
+                                     f"{list(regions[p][0])} lies outside {list(want)})")
+            unfit.append(p)
+            continue
         if shape != want or dtype != dst.dtype:
             report.mismatched.append(
                 f"{p} (checkpoint {_fmt(dtype, shape)}, target {_fmt(dst.dtype, want)})"
@@ -167,6 +172,12 @@ def _match(reader: CheckpointReader, live: dict[str, torch.Tensor], lazy: list[s
     report.unexpected = [p for p in saved
                          if p not in live and not p.startswith(lazy_prefixes)]
     return report, plan, unfit
+
+
+def _inside(offsets: Any, shape: Any, whole: tuple) -> bool:
+    """Whether a block of ``shape`` at ``offsets`` lies inside a tensor of ``whole``."""
+    return (len(offsets) == len(shape) == len(whole)
+            and all(o >= 0 and o + n <= w for o, n, w in zip(offsets, shape, whole, strict=True)))
 
 
 def _repeated(paths: list[str]) -> list[str]:

@@ -189,6 +189,33 @@ def test_spec_of_a_tensor_saved_in_pieces(ckpt):
         assert r.spec("x") == ("float64", (7, 5)) and r.spec("y") == ("int8", (2,))
 
 
+def test_keys_that_look_like_rank_names(tmp_path):
+    """Keys spelling the names of per-rank state or of blocks ("@rank0", "x@rank0")
+    get stored apart from them, not in their place."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    fastckpt.save({"@rank0": {"rng": torch.ones(3)}}, a, per_rank={"rng": torch.zeros(3)}).wait(60)
+    assert fastckpt.verify(a).ok
+    assert torch.equal(dist.load_rank_state(a, 0)["rng"], torch.zeros(3))
+    assert torch.equal(fastckpt.load(a)["@rank0"]["rng"], torch.ones(3))
+    fastckpt.save({"x": dist.Sharded.chunk(torch.ones(4), 0, 0, 1), "x@rank0": torch.zeros(4)},
+                  b, per_rank={}).wait(60)
+    assert fastckpt.verify(b).ok
+    out = fastckpt.load(b)
+    assert torch.equal(out["x"], torch.ones(4)) and torch.equal(out["x@rank0"], torch.zeros(4))
+
+
+@pytest.mark.parametrize("offsets", [(6, 0), (-1, 0), (0,)])
+def test_target_block_outside_the_saved_tensor(ckpt, offsets):
+    fastckpt.save({"x": torch.arange(35.0).reshape(7, 5)}, ckpt).wait(60)
+    block = torch.full((3, 5), -1.0)
+    target = {"x": dist.Sharded(block, offsets, (7, 5))}
+    with pytest.raises(fastckpt.CheckpointError, match="lies outside"):
+        dist.load_into(ckpt, target)
+    assert (block == -1).all()
+    report = dist.load_into(ckpt, target, strict=False)
+    assert "lies outside" in str(report) and (block == -1).all()
+
+
 def test_pieces_must_tile(ckpt):
     full = torch.randn(4, 2)
     fastckpt.save({"x": dist.Sharded.chunk(full, 0, 0, 1)}, ckpt, per_rank={}).wait(60)
