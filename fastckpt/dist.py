@@ -450,12 +450,13 @@ class Coordinator:
         return outcome[1]
 
     def _lost(self, e: BaseException, report: dict) -> None:
-        """After a failed collective the group is out of step for good; rank 0 removes
-        the shared directory and tries to tell the ranks still listening."""
+        """After a failed collective the group is out of step for good: the shared
+        directory is removed (by every rank, since one that came too late made it
+        again after rank 0 gave up) and rank 0 tries to tell the ranks still listening."""
         self.broken = f"{e}"
+        if report["tmp"]:
+            shutil.rmtree(report["tmp"], ignore_errors=True)
         if self.rank == 0:
-            if report["tmp"]:
-                shutil.rmtree(report["tmp"], ignore_errors=True)
             _tell_lost(self.comm, e)
 
 

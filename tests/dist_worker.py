@@ -105,6 +105,14 @@ def scenario_save2(rank, world, d):
             t0 = time.monotonic()
             expect_failure(c.save(state(rank, world, step=6), path), "gone or too slow")
             assert time.monotonic() - t0 < 15
+        elif rank == 1:  # comes too late, after rank 0 gave up: fails, leaves nothing
+            time.sleep(5)
+            try:
+                h = c.save(state(rank, world, step=6), path, per_rank=mine)
+            except fastckpt.CheckpointError:
+                pass
+            else:
+                expect_failure(h)
     assert fastckpt.load(path)["step"] == 5
     dist.barrier()
     leftovers = [e for e in os.listdir(d) if "fastckpt" in e]
