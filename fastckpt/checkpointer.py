@@ -76,9 +76,14 @@ class SaveHandle:
             return self._future.result(timeout)
         except cf.TimeoutError:
             raise TimeoutError(f"save to {self.path} still running after {timeout} s") from None
-        except BaseException:
+        finally:
+            self._seen()
+
+    def _seen(self) -> None:
+        # Only the save's own failure counts as reported: an interrupted wait (Ctrl-C,
+        # a cancelled await) leaves it for the next save() to raise.
+        if self._future.done() and self._future.exception() is not None:
             self.reported = True
-            raise
 
     def add_done_callback(self, fn: Callable[[BaseException | None], Any]) -> None:
         """Call ``fn(error)`` once the save has committed (``error`` is None) or failed.
@@ -87,17 +92,27 @@ class SaveHandle:
         done) and must not block. Observing a failure here does not count as seeing
         it: ``wait()`` and the next ``save()`` still raise it.
         """
-        self._future.add_done_callback(lambda f: fn(f.exception()))
+        self._future.add_done_callback(lambda f: _call_back(fn, f.exception(), self.path))
 
     def __await__(self):
         return self._awaitable().__await__()
 
     async def _awaitable(self) -> SaveResult:
         try:
-            return await asyncio.wrap_future(self._future)
-        except BaseException:
-            self.reported = True
-            raise
+            # Shielded: a cancelled await (a timeout, say) must not cancel the save.
+            return await asyncio.shield(asyncio.wrap_future(self._future))
+        finally:
+            self._seen()
+
+
+def _call_back(fn: Callable[[BaseException | None], Any], error: BaseException | None,
+               path: str) -> None:
+    """Run a done-callback on the committing thread, which must survive whatever it
+    raises (concurrent.futures only catches ``Exception``)."""
+    try:
+        fn(error)
+    except BaseException:  # noqa: BLE001 - logged; the engine's thread goes on
+        log.exception("done-callback of the save to %s raised", path)
 
 
 class Checkpointer:

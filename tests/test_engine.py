@@ -1,5 +1,6 @@
 """Engine semantics: snapshot, back-pressure, bounded staging, errors, atomic commit."""
 
+import asyncio
 import ctypes
 import errno
 import mmap
@@ -525,3 +526,71 @@ def test_exit_waits_for_removals_of_an_unclosed_engine(ckpt):
                    timeout=120)
     assert os.listdir(os.path.dirname(ckpt)) == ["ckpt"]
     assert torch.equal(fastckpt.load(ckpt)["v"], torch.zeros(1000))
+
+
+@pytest.fixture
+def held_commit(monkeypatch):
+    """Saves commit only once the returned event is set."""
+    release, real = threading.Event(), commit.commit
+    monkeypatch.setattr(commit, "commit", lambda *a, **k: (release.wait(30), real(*a, **k)))
+    yield release
+    release.set()
+
+
+def test_cancelled_await_leaves_the_save_running(tmp_path, held_commit):
+    """A timed-out ``await handle`` must not cancel the save under it, not even one
+    still queued behind another."""
+    with fastckpt.Checkpointer(max_inflight=2) as engine:
+        first = engine.save({"v": torch.ones(3)}, tmp_path / "a")
+        queued = engine.save({"v": torch.zeros(3)}, tmp_path / "b")
+
+        async def impatient():
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(queued, 0.1)
+
+        asyncio.run(impatient())
+        held_commit.set()
+        first.wait(timeout=60)
+        assert queued.wait(timeout=60).path == str(tmp_path / "b")
+        assert torch.equal(fastckpt.load(tmp_path / "b")["v"], torch.zeros(3))
+        for name in ("c", "d"):  # both slots came back
+            engine.save({"v": torch.ones(1)}, tmp_path / name)
+        engine.wait_all(60)
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "c", "d"]
+
+
+def test_interrupted_wait_leaves_the_failure_for_the_next_save(ckpt, engine, monkeypatch):
+    """A wait cut short (a timed-out await) has not seen the save's failure: the next
+    save() raises it."""
+    release = threading.Event()
+
+    def failing(*args, **kwargs):
+        release.wait(30)
+        raise fastckpt.CheckpointWriteError("the disk went away")
+
+    monkeypatch.setattr(commit, "commit", failing)
+    h = engine.save({"v": torch.ones(2)}, ckpt)
+
+    async def impatient():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(h, 0.1)
+
+    asyncio.run(impatient())
+    release.set()
+    while not h.done():
+        time.sleep(0.01)
+    with pytest.raises(fastckpt.CheckpointWriteError, match="the disk went away"):
+        engine.save({"v": torch.ones(2)}, ckpt)
+
+
+def test_a_callback_raising_system_exit_spares_the_engine(ckpt, engine, caplog):
+    h = engine.save({"v": torch.ones(2)}, ckpt)
+    h.add_done_callback(lambda err: sys.exit("stop"))
+    h.wait(timeout=60)
+    with caplog.at_level("ERROR", logger="fastckpt"):
+        engine.save({"v": torch.zeros(2)}, ckpt).wait(timeout=60)
+        late = engine.save({"v": torch.full((2,), 2.0)}, ckpt)
+        late.add_done_callback(lambda err: sys.exit("stop"))
+        late.wait(timeout=60)
+        engine.save({"v": torch.full((2,), 3.0)}, ckpt).wait(timeout=60)
+    assert fastckpt.load(ckpt)["v"][0] == 3.0
