@@ -346,14 +346,14 @@ class Checkpointer:
                 if not defer:
                     q.put(None)
             self._stager.synchronize()
+            if defer:
+                for q, blocks in zip(queues, held, strict=True):
+                    while blocks:  # a block handed over is no longer ours to release
+                        q.put(blocks.pop(0))
+                    q.put(None)
         except BaseException:
             self._abort(queues, held, futures, defer)
             raise
-        if defer:
-            for q, blocks in zip(queues, held, strict=True):
-                for b in blocks:
-                    q.put(b)
-                q.put(None)
         return futures
 
     def _abort(self, queues: list, held: list, futures: list, defer: bool) -> None:
@@ -412,9 +412,10 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for in-flight saves and the removal of the checkpoints they replaced,
         stop the threads, free the staging buffers."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:  # a save() staging on another thread finishes handing off
+            if self._closed:
+                return
+            self._closed = True
         self._committer.shutdown(wait=True)
         self._remover.shutdown()
         self._writers.shutdown(wait=True)

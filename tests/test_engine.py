@@ -5,6 +5,7 @@ import ctypes
 import errno
 import mmap
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 
 import fastckpt
 from fastckpt import checkpointer, commit, fileio, writer
-from fastckpt.staging import StagingPool
+from fastckpt.staging import Stager, StagingPool
 from fastckpt.tree import MAX_DEPTH
 
 
@@ -594,3 +595,54 @@ def test_a_callback_raising_system_exit_spares_the_engine(ckpt, engine, caplog):
         late.wait(timeout=60)
         engine.save({"v": torch.full((2,), 3.0)}, ckpt).wait(timeout=60)
     assert fastckpt.load(ckpt)["v"][0] == 3.0
+
+
+def test_close_during_a_save_waits_for_it(tmp_path, monkeypatch):
+    """close() on one thread while save() stages on another: the save completes and
+    commits, close() returns after it, and nothing is left behind."""
+    engine = fastckpt.Checkpointer()
+    staging, release = threading.Event(), threading.Event()
+    real = Stager.stage_shard
+
+    def slow(self, *args):
+        staging.set()
+        release.wait(30)
+        return real(self, *args)
+
+    monkeypatch.setattr(Stager, "stage_shard", slow)
+    out = {}
+    saver = threading.Thread(target=lambda: out.update(
+        result=engine.save({"v": torch.ones(4)}, tmp_path / "a").wait(60)))
+    saver.start()
+    assert staging.wait(30)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    time.sleep(0.2)
+    assert closer.is_alive()  # waiting for the save being staged
+    release.set()
+    saver.join(60)
+    closer.join(60)
+    assert "result" in out and sorted(os.listdir(tmp_path)) == ["a"]
+    assert torch.equal(fastckpt.load(tmp_path / "a")["v"], torch.ones(4))
+
+
+def test_interrupt_while_handing_blocks_over(tmp_path, monkeypatch):
+    """Ctrl-C arriving while staged blocks are handed to the writers: the writers are
+    released with the blocks not yet handed over, and the engine goes on."""
+    class Interrupting(queue.Queue):
+        puts = 0
+
+        def put(self, item, *args, **kwargs):
+            type(self).puts += 1
+            if type(self).puts == 3:
+                raise KeyboardInterrupt
+            super().put(item, *args, **kwargs)
+
+    state = {f"w{i}": torch.ones(1 << 18) for i in range(8)}
+    with fastckpt.Checkpointer(workers=2, shard_size=1 << 20) as engine:
+        monkeypatch.setattr(checkpointer.queue, "Queue", Interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            engine.save(state, tmp_path / "a")
+        monkeypatch.undo()
+        engine.save(state, tmp_path / "b").wait(timeout=60)  # the writers were let go
+    assert sorted(os.listdir(tmp_path)) == ["b"]
