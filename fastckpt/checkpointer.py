@@ -452,9 +452,9 @@ class _Local:
         return make_plan(flatten(obj), shard_size, compress_min)
 
     def make_tmp(self, path: str) -> str:
-        commit.recover(path)
         tmp = commit.sibling(path, commit.TMP_TAG)
         try:
+            commit.recover(path)
             os.mkdir(tmp, 0o755)
         except OSError as e:
             raise CheckpointWriteError(f"cannot create {tmp}: {e}") from e

@@ -89,7 +89,9 @@ def import_torch(src_file: PathLike, dest_dir: PathLike, *,
         raise UnsupportedTypeError(
             f"{src} holds objects that torch.load(weights_only=True) refuses: {e}"
         ) from e
-    except (RuntimeError, EOFError, ValueError) as e:
+    # torch.load's failures on damaged or foreign files take many forms.
+    except (RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError,
+            IndexError, OSError) as e:
         raise CheckpointError(f"{src} is not a readable torch.save file: {e}") from e
     return _save(obj, dest_dir, {**(metadata or {}), "imported_from": src}, checkpointer,
                  compression)

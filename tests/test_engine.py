@@ -646,3 +646,17 @@ def test_interrupt_while_handing_blocks_over(tmp_path, monkeypatch):
         monkeypatch.undo()
         engine.save(state, tmp_path / "b").wait(timeout=60)  # the writers were let go
     assert sorted(os.listdir(tmp_path)) == ["b"]
+
+
+def test_failed_recovery_of_a_crashed_replace_is_a_checkpoint_error(ckpt, engine, monkeypatch):
+    """A crashed save's replaced checkpoint, left under its -old- name, is moved back
+    before the next save of that path; if the OS refuses, a CheckpointWriteError says
+    so (and the old checkpoint stays where it is)."""
+    engine.save({"v": torch.ones(2)}, ckpt).wait(timeout=60)
+    old = os.path.join(os.path.dirname(ckpt), f".{os.path.basename(ckpt)}{commit.OLD_TAG}999999-x")
+    os.rename(ckpt, old)  # as a save killed between its two renames leaves it
+    monkeypatch.setattr(commit, "os", FaultyOS(os, rename=(errno.EIO, always)))
+    with pytest.raises(fastckpt.CheckpointWriteError, match="Errno 5"):
+        engine.save({"v": torch.zeros(2)}, ckpt)
+    monkeypatch.undo()
+    assert torch.equal(fastckpt.load(ckpt)["v"], torch.ones(2))  # found under its old name

@@ -60,6 +60,22 @@ def test_import_torch(tmp_path):
     assert meta == {"note": "converted", "imported_from": str(src)}
 
 
+def _legacy_uint16(path):
+    torch.save(torch.ones(2, dtype=torch.uint16), path, _use_new_zipfile_serialization=False)
+
+
+@pytest.mark.parametrize("write", [
+    lambda p: p.write_text("hello"),
+    _legacy_uint16,
+])
+def test_import_torch_of_an_unreadable_file(tmp_path, write):
+    src = tmp_path / "x.pt"
+    write(src)
+    with pytest.raises(fastckpt.CheckpointError, match="not a readable torch.save file"):
+        fastckpt.import_torch(src, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
 class Custom:
     pass
 
