@@ -146,9 +146,7 @@ class Catalog:
             elif m := _LEFTOVER.match(entry):
                 names.add(m.group(1))
         for name in names:
-            path = os.path.join(self.root, name)
-            commit.recover(path)
-            _remove_leftover_links(path)
+            commit.recover(os.path.join(self.root, name))
         for f in commit._leftovers(self.index_path, commit.TMP_TAG):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(f)
@@ -219,16 +217,6 @@ class Catalog:
             log.warning("cannot write %s: %s", self.index_path, e)
             if os.path.exists(tmp):
                 os.remove(tmp)
-
-
-def _remove_leftover_links(path: str) -> None:
-    """Remove the leftovers of ``path`` that are symbolic links: a step that was a
-    link (to a checkpoint elsewhere) and whose removal crashed leaves one, which
-    ``commit.recover`` cannot rmtree."""
-    for f in commit._leftovers(path, commit.TMP_TAG):
-        if os.path.islink(f):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f)
 
 
 def _no_tensor(index: int, tag: str) -> Any:

@@ -10,6 +10,7 @@ two renames, :func:`recover` moves it back.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -75,7 +76,20 @@ def recover(path: str) -> None:
             os.rename(newest, path)
             fsync_dir(os.path.dirname(os.path.abspath(path)))
     for d in _leftovers(path, TMP_TAG) + _leftovers(path, OLD_TAG):
-        shutil.rmtree(d, ignore_errors=True)
+        remove_dir(d, ignore_errors=True)
+
+
+def remove_dir(path: str, ignore_errors: bool = False) -> None:
+    """Delete a checkpoint directory taken away from its name. One that was a
+    symbolic link to a directory elsewhere loses only the link: what it points to is
+    not ours to delete (and ``shutil.rmtree`` refuses links)."""
+    if not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    elif ignore_errors:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    else:
+        os.unlink(path)
 
 
 def is_checkpoint(path: str) -> bool:

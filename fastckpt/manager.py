@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from numbers import Integral, Real
 from typing import Any
 
-from . import dist, export, reader, transfer
+from . import commit, dist, export, reader, transfer
 from .catalog import Catalog, CheckpointInfo, filed_step, read_info
 from .checkpointer import Checkpointer, PathLike, SaveHandle
 from .errors import (
@@ -257,7 +257,7 @@ class CheckpointManager:
             trash = [transfer.detach(committed[s].path) for s in doomed]
             self._catalog.scan()
         for s, t in zip(doomed, trash, strict=True):
-            transfer.discard(t)
+            commit.remove_dir(t)
             log.info("removed step %d from %s (retention)", s, self.root)
 
     def _sync_backups(self) -> None:
@@ -369,7 +369,7 @@ class CheckpointManager:
                 raise CheckpointError(f"step {step} is being saved in {self.root}")
             trash = transfer.detach(self._find(step).path)
             self._catalog.scan()
-        transfer.discard(trash)
+        commit.remove_dir(trash)
 
     # -- copies -------------------------------------------------------------------
 

@@ -51,7 +51,8 @@ def copy_checkpoint(src: str, dest: str) -> str:
 
 def detach(path: str) -> str:
     """Take the checkpoint directory ``path`` away from its name, atomically, and
-    return where it now is: a temporary sibling for the caller to :func:`discard`. A
+    return where it now is: a temporary sibling for the caller to remove
+    (:func:`commit.remove_dir`). A
     crash before that leaves no damaged checkpoint under the name, only a leftover
     that ``Catalog.clean`` removes once this process is gone."""
     trash = commit.sibling(path, commit.TMP_TAG)
@@ -59,19 +60,9 @@ def detach(path: str) -> str:
     return trash
 
 
-def discard(trash: str) -> None:
-    """Delete what :func:`detach` returned. A checkpoint that was a symbolic link to
-    a directory elsewhere loses only the link: the directory it points to is not
-    this root's to delete."""
-    if os.path.islink(trash):
-        os.unlink(trash)
-    else:
-        shutil.rmtree(trash)
-
-
 def remove_checkpoint(path: str) -> None:
     """Delete the checkpoint directory ``path`` (see :func:`detach`)."""
-    discard(detach(path))
+    commit.remove_dir(detach(path))
 
 
 def _copy_file(src: str, dst: str) -> None:
