@@ -358,6 +358,15 @@ def _nat(v: Any) -> bool:
     return type(v) is int and v >= 0
 
 
+# torch's sizes, strides and offsets are int64.
+_INT64_END = 2**63
+
+
+def _shape_ok(shape: list) -> bool:
+    """Whether ``shape``'s sizes, and their product, fit torch's int64 sizes."""
+    return all(_nat(d) and d < _INT64_END for d in shape) and math.prod(shape) < _INT64_END
+
+
 def _digest_ok(v: Any, kind: str | None) -> bool:
     return v is None if kind is None else isinstance(v, str) and bool(re.fullmatch(r"[0-9a-f]+", v))
 
@@ -440,9 +449,8 @@ def _ref(r: Any, m: Manifest) -> None:
         and isinstance(shape, list)
         and isinstance(stride, list)
         and len(shape) == len(stride)
-        and all(_nat(x) for x in shape + stride)
-        # torch's sizes, strides and offsets are int64
-        and all(x < 2**63 for x in [off, *shape, *stride]) and math.prod(shape) < 2**63,
+        and _shape_ok(shape)
+        and all(_nat(x) and x < _INT64_END for x in [off, *stride]),
         f"bad view {view!r}",
     )
     # The view must stay inside its base, or as_strided would read foreign memory.
@@ -460,8 +468,7 @@ def _pieces_ref(r: dict, m: Manifest) -> None:
     so assembling it leaves no byte unwritten."""
     shape, pieces = r.get("shape"), r.get("pieces")
     _require(isinstance(r.get("path"), str), f"bad key path in {r.get('path')!r}")
-    _require(isinstance(shape, list) and all(_nat(d) and d < 2**63 for d in shape)
-             and math.prod(shape) < 2**63, f"bad shape in {r['path']!r}")
+    _require(isinstance(shape, list) and _shape_ok(shape), f"bad shape in {r['path']!r}")
     try:
         dtype_from_name(r.get("dtype"))
     except CorruptCheckpointError as e:

@@ -64,7 +64,7 @@ class Shard:
     _map: Any = None
     _entries: dict | None = None
     _searches: int = 0
-    _matched: set = field(default_factory=set)  # tensors whose entry was found right
+    entries_checked: set = field(default_factory=set)  # tensors checked by check_entry
 
     def has_entry(self, name: str, want: dict) -> bool:
         """Whether the header describes tensor ``name`` with the fields of ``want``.
@@ -75,8 +75,6 @@ class Shard:
         (``"name":``, which no JSON string holds unescaped) and the entry follows
         it; anything else (a key repeated, or nested in another object) is parsed.
         So is a header that many tensors are read from: each search scans it."""
-        if name in self._matched:
-            return True
         self._searches += 1
         found = False
         if self._entries is None and self._searches <= HEADER_SEARCHES:
@@ -87,8 +85,6 @@ class Shard:
         if not found:
             h = self.entries().get(name)
             found = isinstance(h, dict) and {k: h.get(k) for k in want} == want
-        if found:
-            self._matched.add(name)
         return found
 
     def entries(self) -> dict:
@@ -182,7 +178,9 @@ def match_header(shard: Shard, m: mf.Manifest, index: int) -> None:
 def check_entry(shard: Shard, t: mf.TensorEntry) -> None:
     """Check that the shard's header describes tensor ``t`` as the manifest does
     (dtype, shape, offsets) and that its bytes lie inside the file: a manifest alone
-    never decides how a shard's bytes are read."""
+    never decides how a shard's bytes are read. Each tensor is checked once."""
+    if t.name in shard.entries_checked:
+        return
     want = {
         "dtype": "U8" if t.codec is not None else ST_DTYPES[t.dtype_obj],
         "shape": [t.stop - t.start] if t.codec is not None else list(t.shape),
@@ -195,6 +193,7 @@ def check_entry(shard: Shard, t: mf.TensorEntry) -> None:
         raise CorruptCheckpointError(
             f"{shard.path}: tensor {t.name!r} ends past the end of the file"
         )
+    shard.entries_checked.add(t.name)
 
 
 def check_map_location(map_location: Any) -> None:

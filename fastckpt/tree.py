@@ -34,12 +34,14 @@ _DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {dt: name for name, dt in _DTYPES.items()}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The format's name of a torch dtype (``torch.float32`` -> ``"float32"``)."""
+def dtype_name(dtype: torch.dtype, path: str | None = None) -> str:
+    """The format's name of a torch dtype (``torch.float32`` -> ``"float32"``); the
+    error for one it has none for names the key ``path`` where one is given."""
     try:
         return _DTYPE_NAMES[dtype]
     except KeyError:
-        raise UnsupportedTypeError(f"dtype {dtype} cannot be stored") from None
+        where = "" if path is None else f" at {path or '<root>'!r}"
+        raise UnsupportedTypeError(f"dtype {dtype}{where} cannot be stored") from None
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -106,9 +108,7 @@ class _Flattener:
         if isinstance(v, (bytes, bytearray)):
             return {"$bytes": _b64(bytes(v))}
         if isinstance(v, torch.dtype):
-            if v not in _DTYPE_NAMES:
-                raise UnsupportedTypeError(f"dtype {v} at {path or '<root>'!r} cannot be stored")
-            return {"$dtype": dtype_name(v)}
+            return {"$dtype": dtype_name(v, path)}
         if isinstance(v, torch.device):
             return {"$device": str(v)}
         raise UnsupportedTypeError(
