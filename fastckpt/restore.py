@@ -123,7 +123,7 @@ def load_into(path: Any, target: Any, strict: bool = True, verify: bool = False,
         opts = list(_optimizers(target, ""))
         report, plan, unfit = _match(reader, live, _fresh_state(opts), regions)
         loads, skip = _prepare_optimizers(reader, opts, report, plan,
-                                          [live[p] for p in unfit])
+                                          {p: live[p] for p in unfit})
         if strict and not report.ok:
             raise CheckpointError(f"{reader.path}: checkpoint does not fit the target: {report}")
         plan = [job for job in plan if not job[0].startswith(skip)]
@@ -230,7 +230,7 @@ def _fresh_state(opts: list) -> list[str]:
 
 
 def _prepare_optimizers(reader: CheckpointReader, opts: list, report: LoadReport,
-                        plan: list, unfit: list[torch.Tensor]) -> tuple[list, tuple]:
+                        plan: list, unfit: dict[str, torch.Tensor]) -> tuple[list, tuple]:
     """Build each optimizer's state dict to load and check that it takes it, before any
     tensor is filled. Returns ``(optimizer, state dict)`` pairs and the key path
     prefixes that must stay unfilled: per-parameter state kept as it is, and whole
@@ -267,7 +267,7 @@ def _prepare_optimizers(reader: CheckpointReader, opts: list, report: LoadReport
 
 
 def _kept_state(prefix: str, opt: torch.optim.Optimizer, report: LoadReport,
-                filled: list[str], unfit: list[torch.Tensor]) -> set[int] | None:
+                filled: list[str], unfit: dict[str, torch.Tensor]) -> set[int] | None:
     """Indices of the parameters whose saved state is not loaded: the checkpoint has
     none for them, some of it is mismatched, or the parameter is one of the ``unfit``
     (mismatched) target tensors, so its saved state belongs to a parameter of another
@@ -277,12 +277,12 @@ def _kept_state(prefix: str, opt: torch.optim.Optimizer, report: LoadReport,
     would not suit the live state either."""
     head = key_path(prefix, "state") + "/"
     missing, unexpected = _indices(report.missing, head), _indices(report.unexpected, head)
-    mismatched = _indices(report.mismatched, head)
+    mismatched = _indices(list(unfit), head)
     if unexpected or missing & (mismatched | _indices(filled, head)):
         return None
     kept = missing | mismatched
     # A module's state dict holds detached views of its parameters: same memory.
-    views = {(t.data_ptr(), t.shape) for t in unfit}
+    views = {(t.data_ptr(), t.shape) for t in unfit.values()}
     for i, param in enumerate(_params(opt)):
         if i not in kept and (param.data_ptr(), param.shape) in views:
             kept.add(i)
@@ -291,8 +291,7 @@ def _kept_state(prefix: str, opt: torch.optim.Optimizer, report: LoadReport,
 
 
 def _indices(paths: list[str], head: str) -> set[int]:
-    """The parameter indices ``i`` of the ``paths`` (or report entries) under
-    ``head + "i/"``."""
+    """The parameter indices ``i`` of the ``paths`` under ``head + "i/"``."""
     return {int(i) for p in paths if p.startswith(head)
             and (i := p[len(head):].split("/", 1)[0]).isdigit()}
 
