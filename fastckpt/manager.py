@@ -54,8 +54,8 @@ class CheckpointManager:
     skipped save returns None; ``force=True`` overrides both.
 
     ``backup_dir`` keeps verified copies of the best checkpoints (the ``keep_best``
-    best, or the single best) in a second directory, apart from ``root`` (neither
-    inside the other, else :class:`InvalidArgumentError`). ``checkpointer`` is the
+    best, or the single best) in a second directory: not ``root`` itself nor a step
+    directory of it (else :class:`InvalidArgumentError`). ``checkpointer`` is the
     engine to save with (by default the manager owns one).
 
     ``process_group``: the ``torch.distributed`` group whose ranks manage ``root``
