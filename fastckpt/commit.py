@@ -1,11 +1,16 @@
 """Atomic commit of a checkpoint directory, and clean-up after crashed saves.
 
-A save writes into a hidden sibling ``.<name>.fastckpt-tmp-<pid>-<id>``; the commit
+A save writes into a hidden sibling ``.<name>.fastckpt-tmp-<owner>-<id>``; the commit
 writes the manifest last, fsyncs, and moves the directory into place. Replacing an
 existing checkpoint uses ``renameat2(RENAME_EXCHANGE)`` so that ``path`` names a
 complete checkpoint at every instant. Where the filesystem lacks it, the old one is
-first renamed to ``.<name>.fastckpt-old-<pid>-<id>``; if a crash falls between the
+first renamed to ``.<name>.fastckpt-old-<owner>-<id>``; if a crash falls between the
 two renames, :func:`recover` moves it back.
+
+``<owner>`` is ``<pid>.<host>``: a pid means something only on its own host, and a
+checkpoint directory on a shared filesystem is seen from many hosts. A process
+judges only its own host's siblings (and those of older releases, named by the pid
+alone); another host's are left to that host.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
+import hashlib
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -36,17 +44,34 @@ def _split(path: str) -> tuple[str, str]:
     return os.path.dirname(path), os.path.basename(path)
 
 
+@functools.cache
+def _host() -> str:
+    # A digest keeps the name short and free of the separators a host name may hold.
+    return hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def owner() -> str:
+    """This process, as sibling names record their owner: ``<pid>.<host>``."""
+    return f"{os.getpid()}.{_host()}"
+
+
 def sibling(path: str, tag: str) -> str:
     """A fresh hidden sibling of ``path`` owned by this process."""
     parent, name = _split(path)
-    return os.path.join(parent, f".{name}{tag}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    return os.path.join(parent, f".{name}{tag}{owner()}-{uuid.uuid4().hex[:12]}")
 
 
-def _owner_pid(entry: str, prefix: str) -> int | None:
+def _is_dead(entry: str, prefix: str) -> bool:
+    """Whether the process named in a sibling's name is known to be gone. One on
+    another host cannot be told from here; an unreadable name has no owner."""
+    pid, _, host = entry[len(prefix):].split("-", 1)[0].partition(".")
+    if host and host != _host():
+        return False
     try:
-        return int(entry[len(prefix):].split("-", 1)[0])
+        n = int(pid)
     except ValueError:
-        return None
+        return True
+    return n != os.getpid() and not psutil.pid_exists(n)
 
 
 def _leftovers(path: str, tag: str) -> list[str]:
@@ -57,13 +82,8 @@ def _leftovers(path: str, tag: str) -> list[str]:
         entries = os.listdir(parent)
     except OSError:
         return []
-    found = []
-    for e in entries:
-        if e.startswith(prefix):
-            pid = _owner_pid(e, prefix)
-            if pid is None or (pid != os.getpid() and not psutil.pid_exists(pid)):
-                found.append(os.path.join(parent, e))
-    return found
+    return [os.path.join(parent, e) for e in entries
+            if e.startswith(prefix) and _is_dead(e, prefix)]
 
 
 def recover(path: str) -> None:

@@ -369,9 +369,9 @@ class Coordinator:
         self.comm = channel(group, timeout)
         self.dispose = dispose  # rank 0: takes a checkpoint that a commit replaced
         self.rank, self.world = self.comm.rank, self.comm.world
-        # Rank 0's pid names the shared directory, so rank 0 (which cleans up after
-        # crashed saves) knows it as its own and leaves it alone.
-        self.token = self.comm.broadcast(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        # Rank 0 names the shared directory as its own, so rank 0 (which cleans up
+        # after crashed saves) leaves it alone.
+        self.token = self.comm.broadcast(f"{commit.owner()}-{uuid.uuid4().hex[:12]}")
         self.started = 0  # saves begun on the caller's thread
         self.rounds = 0  # commit rounds run on the committer thread
         self.broken: str | None = None

@@ -116,7 +116,7 @@ def test_sigkill_never_loses_the_last_checkpoint(server, tmp_path, profile, mode
 # temporary siblings of either, left by a save, a removal or an index write that was
 # killed. No "-old-" sibling: every save is of a new step, so nothing is replaced.
 HIDDEN = re.compile(
-    rf"^\.(?:step_(\d{{8}})|{re.escape(catalog.INDEX_NAME)}){re.escape(commit.TMP_TAG)}\d+-"
+    rf"^\.(?:step_(\d{{8}})|{re.escape(catalog.INDEX_NAME)}){re.escape(commit.TMP_TAG)}\d+\.[0-9a-f]{{8}}-"
 )
 
 

@@ -207,13 +207,31 @@ def _dead_pid():
     return p.pid
 
 
-def test_leftovers_of_dead_saves_are_cleaned(ckpt, engine):
-    dead = _dead_pid()
+@pytest.mark.parametrize("owner", ["{pid}.{host}", "{pid}"], ids=["this-host", "pid-only"])
+def test_leftovers_of_dead_saves_are_cleaned(ckpt, engine, owner):
+    dead = owner.format(pid=_dead_pid(), host=commit.owner().split(".")[1])
     leftover = os.path.join(os.path.dirname(ckpt), f".ckpt{commit.TMP_TAG}{dead}-deadbeef")
     os.makedirs(leftover)
     open(os.path.join(leftover, "shard-00001-of-00001.safetensors"), "wb").close()
     engine.save({"x": torch.ones(2)}, ckpt).wait(timeout=60)
     assert not os.path.exists(leftover)
+
+
+def test_another_hosts_saves_are_left_alone(ckpt, engine):
+    """On a shared filesystem, a pid not running here may be a live save elsewhere:
+    its temporary directory, or the checkpoint it is replacing, is not ours."""
+    parent = os.path.dirname(ckpt)
+    host = commit.owner().split(".")[1]
+    elsewhere = f"{_dead_pid()}.{'0' * 8 if host != '0' * 8 else '1' * 8}"
+    writing = os.path.join(parent, f".ckpt{commit.TMP_TAG}{elsewhere}-deadbeef")
+    os.makedirs(writing)
+    open(os.path.join(writing, "shard-00001-of-00001.safetensors"), "wb").close()
+    engine.save({"v": torch.tensor(1)}, ckpt).wait(timeout=60)
+    replacing = os.path.join(parent, f".ckpt{commit.OLD_TAG}{elsewhere}-abc")
+    os.rename(ckpt, replacing)  # that host is between the two renames of a replace
+    commit.recover(ckpt)
+    assert not os.path.exists(ckpt)
+    assert sorted(os.listdir(parent)) == sorted(map(os.path.basename, (writing, replacing)))
 
 
 def test_refuses_to_replace_foreign_data(tmp_path, engine):
@@ -435,7 +453,7 @@ def test_wait_returns_before_the_replaced_checkpoint_is_removed(ckpt, engine, mo
     assert fastckpt.load(ckpt, verify=True)["v"].item() == 2
     parent = os.path.dirname(ckpt)
     (held_dir,) = [e for e in os.listdir(parent) if e != "ckpt"]
-    assert held_dir.startswith(f".ckpt{commit.TMP_TAG}{os.getpid()}-")
+    assert held_dir.startswith(f".ckpt{commit.TMP_TAG}{commit.owner()}-")
     assert fastckpt.load(os.path.join(parent, held_dir))["v"].item() == 1
     release.set()
     engine.wait_all(timeout=60)
