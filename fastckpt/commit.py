@@ -55,10 +55,15 @@ def owner() -> str:
     return f"{os.getpid()}.{_host()}"
 
 
+def token() -> str:
+    """A fresh name part for a sibling owned by this process: ``<owner>-<id>``."""
+    return f"{owner()}-{uuid.uuid4().hex[:12]}"
+
+
 def sibling(path: str, tag: str) -> str:
     """A fresh hidden sibling of ``path`` owned by this process."""
     parent, name = _split(path)
-    return os.path.join(parent, f".{name}{tag}{owner()}-{uuid.uuid4().hex[:12]}")
+    return os.path.join(parent, f".{name}{tag}{token()}")
 
 
 def _is_dead(entry: str, prefix: str) -> bool:

@@ -30,7 +30,6 @@ import datetime
 import heapq
 import os
 import shutil
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -371,7 +370,7 @@ class Coordinator:
         self.rank, self.world = self.comm.rank, self.comm.world
         # Rank 0 names the shared directory as its own, so rank 0 (which cleans up
         # after crashed saves) leaves it alone.
-        self.token = self.comm.broadcast(f"{commit.owner()}-{uuid.uuid4().hex[:12]}")
+        self.token = self.comm.broadcast(commit.token())
         self.started = 0  # saves begun on the caller's thread
         self.rounds = 0  # commit rounds run on the committer thread
         self.broken: str | None = None
